@@ -1,0 +1,148 @@
+"""Checkpoint -> bundle: the ONNX graphs, vocabulary, entity maps and a manifest that hashes
+and describes every file. The runtime reads names and shapes from the manifest only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto
+
+from gruserve.runtime.bundle import (
+    BUNDLE_FORMAT,
+    ENCODER,
+    FORMAT_VERSION,
+    MANIFEST,
+    STATE_WRITER,
+    STEP_GREEDY,
+    STEP_TOPK,
+    sha256_file,
+)
+
+from . import onnx_graphs as og
+from .checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64", TensorProto.FLOAT16: "float16"}
+
+# role-level names the runtime binds, per graph role
+_BINDINGS = {
+    ENCODER: {
+        "pool": og.POOL, "pool_out": og.POOL_OUT, "slots": og.SLOTS,
+        "users": og.USERS, "items": og.ITEMS, "rating": og.RATING,
+    },
+    STEP_GREEDY: {
+        "pool": og.POOL, "pool_out": og.POOL_OUT, "read_slots": og.READ_SLOTS,
+        "write_slots": og.WRITE_SLOTS, "tokens": og.TOKENS, "next_token": og.NEXT_TOKEN,
+    },
+    STATE_WRITER: {"pool": og.POOL, "pool_out": og.POOL_OUT, "slots": og.SLOTS, "states": og.STATES},
+}
+_BINDINGS[STEP_TOPK] = {
+    **_BINDINGS[STEP_GREEDY], "topk_logprobs": og.TOPK_LOGPROBS, "topk_ids": og.TOPK_IDS,
+}
+
+
+def _tensor_specs(values) -> list[dict]:
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+        specs.append({"name": v.name, "dtype": _DTYPES[t.elem_type], "shape": shape})
+    return specs
+
+
+def _write_graph(model: onnx.ModelProto, path: Path) -> dict:
+    """Checks, shape-infers and saves one graph (weights inside: no external data file)."""
+    onnx.checker.check_model(model, full_check=True)
+    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    if model.ByteSize() >= 2**31 - 1:
+        raise ValueError(f"{path.name}: graph exceeds protobuf's 2 GB single-file limit")
+    onnx.save_model(model, str(path), save_as_external_data=False)
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "inputs": _tensor_specs(model.graph.input),
+        "outputs": _tensor_specs(model.graph.output),
+    }
+
+
+def _write_json(data, path: Path) -> dict:
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return {"file": path.name, "sha256": sha256_file(path)}
+
+
+def write_bundle(
+    checkpoint: Checkpoint, out_dir: Path, *, top_k: int = 64, model_name: str = "nrt"
+) -> Path:
+    """Writes the bundle into out_dir (replaced atomically). Verification is separate
+    (`gruserve.export.verify`) and its report is added to the manifest by `export_bundle`."""
+    model = checkpoint.build_model()
+    vocab = checkpoint.vocab
+    top_k = min(top_k, len(vocab))
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        graphs = {
+            ENCODER: (og.build_encoder_graph(model), {}),
+            STEP_GREEDY: (og.build_step_graph(model), {}),
+            STATE_WRITER: (og.build_state_writer_graph(model), {}),
+        }
+        if top_k > 0:
+            graphs[STEP_TOPK] = (
+                og.build_step_graph(model, og.StepGraphOptions(top_k=top_k)),
+                {"top_k": top_k},
+            )
+        manifest_graphs = {}
+        for role, (graph, attributes) in graphs.items():
+            entry = _write_graph(graph, staging / f"{role}.onnx")
+            entry["bindings"] = _BINDINGS[role]
+            entry["attributes"] = attributes
+            manifest_graphs[role] = entry
+        files = {
+            "vocab": _write_json(list(vocab.words), staging / "vocab.json"),
+            "entities": _write_json(
+                {"users": list(checkpoint.users.ids), "items": list(checkpoint.items.ids)},
+                staging / "entities.json",
+            ),
+        }
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_name": model_name,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model_config": checkpoint.model_config.to_dict(),
+            "special_ids": {
+                "bos": vocab.bos_id, "eos": vocab.eos_id, "pad": vocab.pad_id, "unk": vocab.unk_id,
+            },
+            "precision": "fp32",
+            "opset": og.OPSET,
+            "ir_version": og.IR_VERSION,
+            "onnx_version": onnx.__version__,
+            "onnxruntime_version": ort.__version__,
+            "graphs": manifest_graphs,
+            "files": files,
+            "training": {"epoch": checkpoint.epoch, "best_valid_loss": checkpoint.best_valid_loss},
+            "verify": None,
+        }
+        write_manifest(manifest, staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.replace(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_manifest(manifest: dict, bundle_dir: Path) -> None:
+    tmp = bundle_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(bundle_dir / MANIFEST)

@@ -1,0 +1,104 @@
+"""Execution-provider choice: --device auto|cpu|cuda, checked after the session exists.
+
+onnxruntime-gpu falls back to the CPU provider with only a log line when the CUDA libraries
+are missing, so the provider a session actually got is read back from get_providers().
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    device: str = "auto"
+    device_id: int = 0
+    # 0 lets ORT pick (one per physical core); several sessions run one after another in the
+    # decode thread, so they share the cores rather than multiply threads
+    intra_op_threads: int = 0
+    # capture the step as CUDA graphs (CUDA only; off until measured on the target machine)
+    cuda_graphs: bool = False
+
+
+_cuda_dlls_loaded = False
+
+
+def _preload_cuda() -> None:
+    """Loads CUDA/cuDNN from the nvidia-* wheels when present (ORT >= 1.21); harmless otherwise."""
+    global _cuda_dlls_loaded
+    if _cuda_dlls_loaded:
+        return
+    _cuda_dlls_loaded = True
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # noqa: BLE001 - best effort: the session check decides
+            log.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
+def _cuda_driver_present() -> bool:
+    """auto skips CUDA without a driver, sparing a CPU host ORT's provider-load error."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def wanted_providers(config: SessionConfig) -> list:
+    if config.device not in DEVICES:
+        raise DeviceError(f"--device must be one of {', '.join(DEVICES)}, got {config.device!r}")
+    available = ort.get_available_providers()
+    if config.device == "cpu":
+        return [CPU]
+    if CUDA not in available or (config.device == "auto" and not _cuda_driver_present()):
+        if config.device == "cuda":
+            raise DeviceError(
+                "--device cuda: this onnxruntime build has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu"
+            )
+        return [CPU]
+    _preload_cuda()
+    cuda_options = {"device_id": config.device_id}
+    if config.cuda_graphs:
+        cuda_options["enable_cuda_graph"] = "1"
+    return [(CUDA, cuda_options), CPU]
+
+
+def check_provider(session: ort.InferenceSession, config: SessionConfig, what: str) -> str:
+    """Returns the provider the session runs on; raises when cuda was demanded and lost."""
+    got = session.get_providers()[0]
+    if config.device == "cuda" and got != CUDA:
+        raise DeviceError(
+            f"--device cuda: {what} fell back to {got} (CUDA libraries missing or no GPU; "
+            "see onnxruntime's log above)"
+        )
+    return got
+
+
+def session_options(config: SessionConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if config.intra_op_threads:
+        options.intra_op_num_threads = config.intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # the decode thread alternates between sessions; spinning threads of an idle session
+    # would steal the cores from the busy one (measured: 30-60% lost on 2 cores)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options

@@ -1,0 +1,170 @@
+"""StepRunner: the ORT sessions of a bundle and the state pool that lives on the device.
+
+The pool holds every slot's GRU hidden state, [L, S, H], allocated once on the device. Each
+graph takes the pool and writes it back through I/O binding to the SAME buffer, so between
+steps the hidden state never leaves the device; only slot and token ids go in and token ids
+(plus TopK candidates when sampling) come out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import ENCODER, STATE_WRITER, STEP_GREEDY, STEP_TOPK, Bundle, BundleError, GraphSpec
+from .providers import CUDA, SessionConfig, check_provider, session_options, wanted_providers
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "float16": "tensor(float16)"}
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    next_tokens: np.ndarray  # (B,) int64, the greedy choice
+    topk_logprobs: np.ndarray | None = None  # (B, K) float32, sampling graph only
+    topk_ids: np.ndarray | None = None  # (B, K) int64
+
+
+def _check_io(session: ort.InferenceSession, spec: GraphSpec) -> None:
+    """The graph's I/O must be exactly what the manifest says (names, dtypes, ranks)."""
+    for kind, actual, expected in (
+        ("input", session.get_inputs(), spec.inputs),
+        ("output", session.get_outputs(), spec.outputs),
+    ):
+        got = [(a.name, a.type, len(a.shape)) for a in actual]
+        want = [(e.name, _ORT_TYPES.get(e.dtype, e.dtype), len(e.shape)) for e in expected]
+        if got != want:
+            raise BundleError(
+                f"{spec.path}: graph {kind}s {got} do not match the manifest's {want}"
+            )
+
+
+class _BoundGraph:
+    """One session with its I/O binding; the pool input and output share one OrtValue."""
+
+    def __init__(self, spec: GraphSpec, config: SessionConfig):
+        self.spec = spec
+        try:
+            self.session = ort.InferenceSession(
+                str(spec.path), session_options(config), providers=wanted_providers(config)
+            )
+        except Exception as exc:  # noqa: BLE001 - ORT raises bare RuntimeErrors
+            raise BundleError(f"{spec.path}: onnxruntime cannot load it ({exc})") from None
+        self.provider = check_provider(self.session, config, spec.path.name)
+        _check_io(self.session, spec)
+        self.names = spec.bindings
+        self.binding = self.session.io_binding()
+        self.output_device = "cuda" if self.provider == CUDA else "cpu"
+
+    def bind_pool(self, pool: ort.OrtValue, host_outputs: tuple[str, ...]) -> None:
+        """Binds once: the pool in and out to one buffer, the host outputs to CPU memory."""
+        self.binding.bind_ortvalue_input(self.names["pool"], pool)
+        self.binding.bind_ortvalue_output(self.names["pool_out"], pool)
+        for role in host_outputs:
+            self.binding.bind_output(self.names[role], "cpu")
+        self.num_host_outputs = len(host_outputs)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Runs with the given host inputs; returns the host outputs in bind_pool's order."""
+        b = self.binding
+        for role, array in inputs.items():
+            b.bind_cpu_input(self.names[role], array)
+        self.session.run_with_iobinding(b)
+        outputs = b.get_outputs()  # the pool first (bound first), then the host outputs
+        return [outputs[i + 1].numpy() for i in range(self.num_host_outputs)]
+
+
+class StepRunner:
+    """Runs encoder and step graphs against a device-resident slot pool.
+
+    Batch-shaped everywhere: every call takes arrays of slots, never one request.
+    """
+
+    def __init__(self, bundle: Bundle, num_slots: int = 256, config: SessionConfig = SessionConfig()):
+        if num_slots <= 0:
+            raise ValueError("num_slots must be positive")
+        self.bundle = bundle
+        self.num_slots = num_slots
+        self.config = config
+        self._encoder = _BoundGraph(bundle.graphs[ENCODER], config)
+        self.provider = self._encoder.provider
+        self._greedy = _BoundGraph(bundle.graphs[STEP_GREEDY], config)
+        self._topk = (
+            _BoundGraph(bundle.graphs[STEP_TOPK], config) if STEP_TOPK in bundle.graphs else None
+        )
+        self._writer = (
+            _BoundGraph(bundle.graphs[STATE_WRITER], config)
+            if STATE_WRITER in bundle.graphs
+            else None
+        )
+        device = "cuda" if self.provider == CUDA else "cpu"
+        shape = [bundle.num_layers, num_slots, bundle.hidden_size]
+        # zeros, not uninitialized memory: a slot is always written before it is read, but a
+        # bug would then show up as zeros rather than as garbage
+        self.pool = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros(shape, dtype=np.float32), device, config.device_id
+        )
+        self._encoder.bind_pool(self.pool, ("rating",))
+        self._greedy.bind_pool(self.pool, ("next_token",))
+        if self._topk is not None:
+            self._topk.bind_pool(self.pool, ("next_token", "topk_logprobs", "topk_ids"))
+        if self._writer is not None:
+            self._writer.bind_pool(self.pool, ())
+        log.info(
+            "runner ready: provider %s, %d slots, hidden %d, sampling K=%d",
+            self.provider, num_slots, bundle.hidden_size, self.top_k,
+        )
+
+    @property
+    def top_k(self) -> int:
+        return self.bundle.sampling_top_k if self._topk is not None else 0
+
+    @property
+    def can_write_states(self) -> bool:
+        return self._writer is not None
+
+    def encode(self, slots: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Writes each pair's initial state into its slot; returns the ratings (B,) float32."""
+        (rating,) = self._encoder.run(
+            {"slots": _i64(slots), "users": _i64(users), "items": _i64(items)}
+        )
+        return rating
+
+    def write_states(self, slots: np.ndarray, states: np.ndarray) -> None:
+        """Writes caller-given initial states (B, H) into slots."""
+        if self._writer is None:
+            raise BundleError(f"{self.bundle.path}: bundle has no state_writer graph")
+        self._writer.run(
+            {"slots": _i64(slots), "states": np.ascontiguousarray(states, dtype=np.float32)}
+        )
+
+    def step(
+        self,
+        read_slots: np.ndarray,
+        write_slots: np.ndarray,
+        tokens: np.ndarray,
+        want_topk: bool = False,
+    ) -> StepOutput:
+        """One decode step for B rows: state from read_slots, new state into write_slots."""
+        inputs = {
+            "read_slots": _i64(read_slots), "write_slots": _i64(write_slots), "tokens": _i64(tokens),
+        }
+        if want_topk:
+            if self._topk is None:
+                raise BundleError(f"{self.bundle.path}: bundle has no sampling graph")
+            nxt, logprobs, ids = self._topk.run(inputs)
+            return StepOutput(nxt, logprobs, ids)
+        (nxt,) = self._greedy.run(inputs)
+        return StepOutput(nxt)
+
+    def read_states(self, slots: np.ndarray) -> np.ndarray:
+        """Copies slots' states to the host (L, B, H): for tests and debugging, never per step."""
+        return self.pool.numpy()[:, _i64(slots)]
+
+
+def _i64(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64)

@@ -1,0 +1,53 @@
+"""Shared fixtures: one tiny model, trained for real on the synthetic corpus, per test run.
+
+Session-scoped so the suite trains once (a few seconds) and every layer is tested against
+the same real weights and the same bundle.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+TINY_SPEC = dict(seed=7, num_users=60, num_items=50, num_reviews=2400)
+TINY_TRAIN = dict(
+    emsize=16, hidden_size=32, mlp_layers=2, max_len=15, batch_size=64, lr=1e-2,
+    max_epochs=4, patience=2, seed=0, num_threads=2,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus():
+    from gruserve.export.synthetic import SyntheticSpec, make_synthetic_corpus
+
+    return make_synthetic_corpus(SyntheticSpec(**TINY_SPEC))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_corpus):
+    """(Checkpoint, path of best.pt) of a tiny NRT trained on the synthetic corpus."""
+    from gruserve.export.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny_train")
+    checkpoint, _ = train(tiny_corpus, TrainConfig(**TINY_TRAIN), out)
+    return checkpoint, out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory, tiny_checkpoint) -> Path:
+    """An exported fp32 bundle of the tiny model (greedy, sampling K=16, state writer)."""
+    from gruserve.export.bundle_writer import write_bundle
+
+    checkpoint, _ = tiny_checkpoint
+    return write_bundle(checkpoint, tmp_path_factory.mktemp("bundles") / "tiny", top_k=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_bundle_dir):
+    from gruserve.runtime.bundle import load_bundle
+
+    return load_bundle(tiny_bundle_dir)
