@@ -1,0 +1,164 @@
+"""The export side of the `gruserve` CLI: train, export, verify, evaluate.
+
+Only argparse at import time: the runtime's CLI registers these commands without torch, and
+each handler imports the heavy modules when it runs, with a clear message if they are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_EXTRA_HINT = "this command needs the export extra: pip install 'gruserve[export]'"
+
+
+def _need_export_extra():
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"gruserve: {_EXTRA_HINT} ({exc})") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _need_export_extra()
+    import dataclasses
+
+    from .checkpoint import load_checkpoint
+    from .train import TrainConfig, load_training_corpus, train
+
+    corpus = load_training_corpus(args.data, index_dir=args.index_dir, seed=args.corpus_seed)
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    config = TrainConfig(**overrides)
+    resume = load_checkpoint(Path(args.resume)) if args.resume else None
+    best, history = train(corpus, config, Path(args.out), resume=resume)
+    last = history[-1] if history else None
+    print(f"best checkpoint: {Path(args.out) / 'best.pt'} (epoch {best.epoch})")
+    if last is not None:
+        print(f"last epoch {last.epoch}: valid ppl {last.valid_ppl:.3f}, rating mse {last.valid_rating_mse:.4f}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    _need_export_extra()
+    from .verify import export_bundle
+
+    path, report = export_bundle(
+        Path(args.checkpoint), Path(args.out), top_k=args.top_k, precision=args.precision,
+        samples=args.samples, device=args.device,
+    )
+    print(report.summary())
+    print(f"bundle written: {path}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    _need_export_extra()
+    from .verify import verify_bundle
+
+    report = verify_bundle(
+        Path(args.bundle), Path(args.checkpoint) if args.checkpoint else None,
+        samples=args.samples, device=args.device,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    _need_export_extra()
+    from .checkpoint import load_checkpoint
+    from .evaluate import evaluate, write_eval_outputs
+    from .train import load_training_corpus
+
+    checkpoint = load_checkpoint(Path(args.checkpoint))
+    corpus = load_training_corpus(args.data, index_dir=args.index_dir, seed=args.corpus_seed)
+    report = evaluate(checkpoint, corpus, split=args.split, batch_size=args.batch_size, device=args.device)
+    if args.out:
+        write_eval_outputs(report, Path(args.out))
+        print(f"metrics and pairs written to {args.out}", file=sys.stderr)
+    print(json.dumps(report.to_dict()["metrics"], indent=2))
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' (built-in corpus) or an NLG4RS directory with reviews.pickle")
+    p.add_argument("--index-dir", help="directory with train/validation/test.index (default: found under --data)")
+    p.add_argument("--corpus-seed", type=int, default=0, help="seed of the synthetic corpus")
+
+
+def add_export_commands(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train an NRT model (export extra)",
+        description="Train NRT with teacher forcing: NLL (pad ignored) + weighted rating MSE, "
+        "Adam, early stopping on the validation split. Writes best.pt and last.pt to --out.",
+    )
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="output directory for checkpoints")
+    p.add_argument("--resume", help="continue from a checkpoint (e.g. OUT/last.pt)")
+    g = p.add_argument_group("model and training (defaults: the demo configuration)")
+    g.add_argument("--emsize", type=int)
+    g.add_argument("--hidden-size", dest="hidden_size", type=int)
+    g.add_argument("--mlp-layers", dest="mlp_layers", type=int)
+    g.add_argument("--max-len", dest="max_len", type=int, help="words per tip (default 15)")
+    g.add_argument("--vocab-size", dest="vocab_size", type=int, help="most frequent words kept (default 20000)")
+    g.add_argument("--batch-size", dest="batch_size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--rating-weight", dest="rating_weight", type=float, help="weight of the rating MSE")
+    g.add_argument("--max-epochs", dest="max_epochs", type=int)
+    g.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", choices=("cpu", "cuda"))
+    g.add_argument("--max-seconds", dest="max_seconds", type=float, help="wall-clock budget (0 = none)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "export", help="export a checkpoint to a verified bundle (export extra)",
+        description="Write encoder/decoder-step ONNX graphs, vocabulary and entities with a "
+        "hashed manifest, then verify ORT against PyTorch before declaring success.",
+    )
+    p.add_argument("checkpoint", help="checkpoint file (e.g. OUT/best.pt)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--top-k", type=int, default=64, help="sampling candidates K (0 = greedy only)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="fp16 is for the CUDA provider")
+    p.add_argument("--samples", type=int, default=200, help="(user, item) pairs decoded in verification")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="ORT device to verify on")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "verify", help="check a bundle (integrity; parity with a checkpoint) (export extra)",
+        description="Without --checkpoint: integrity and that ORT runs every graph. With it: "
+        "per-step ORT vs PyTorch at batch 1, 3, 64 and greedy decodes token for token. "
+        "Exits non-zero on any mismatch.",
+    )
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("--checkpoint", help="the checkpoint the bundle was exported from")
+    p.add_argument("--samples", type=int, default=200, help="(user, item) pairs to decode")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "evaluate", help="metrics of a checkpoint on a test split (export extra)",
+        description="Perplexity, RMSE/MAE, BLEU-1/4, ROUGE-1/2/L, USR, FMR, FCR, DIV.",
+    )
+    p.add_argument("checkpoint")
+    _add_data_args(p)
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", help="directory for metrics.json and the reference/generated pairs")
+    p.set_defaults(func=_cmd_evaluate)

@@ -1,0 +1,143 @@
+"""Protobuf <-> domain conversion: the one module besides the servicer that knows *_pb2."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gruserve.v1 import gruserve_pb2 as pb
+
+from .engine import Engine, ModelInfo
+from .errors import InvalidRequestError
+from .requests import DecodingParams, FinishReason, Request, RequestOutput, Strategy
+from .sampler import SamplingParams
+
+_STRATEGIES = {
+    pb.DECODING_STRATEGY_UNSPECIFIED: Strategy.GREEDY,
+    pb.DECODING_STRATEGY_GREEDY: Strategy.GREEDY,
+    pb.DECODING_STRATEGY_SAMPLE: Strategy.SAMPLE,
+    pb.DECODING_STRATEGY_BEAM: Strategy.BEAM,
+}
+_FINISH = {
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
+}
+MAX_REQUEST_ID_LEN = 128
+DEFAULT_NUM_BEAMS = 4
+
+
+def decoding_params(p: pb.DecodingParameters) -> DecodingParams:
+    """Proto defaults (0) become the documented defaults; range checks happen in the engine."""
+    if p.strategy not in _STRATEGIES:
+        raise InvalidRequestError("parameters.strategy", f"unknown value {p.strategy}")
+    for name in ("temperature", "top_p"):
+        if not math.isfinite(getattr(p, name)):
+            raise InvalidRequestError(f"parameters.{name}", "must be finite")
+    return DecodingParams(
+        strategy=_STRATEGIES[p.strategy],
+        max_tokens=p.max_tokens,
+        min_tokens=p.min_tokens,
+        sampling=SamplingParams(
+            temperature=p.temperature or 1.0,
+            top_k=p.top_k,
+            top_p=p.top_p or 1.0,
+            seed=p.seed if p.HasField("seed") else None,
+        ),
+        num_beams=p.num_beams or DEFAULT_NUM_BEAMS,
+        length_penalty=p.length_penalty if p.HasField("length_penalty") else 1.0,
+        stop_token_ids=tuple(p.stop_token_ids),
+        return_logprobs=p.return_logprobs,
+    )
+
+
+def engine_request(engine: Engine, message: pb.GenerateRequest, *, stream: bool) -> Request:
+    """Validates a GenerateRequest into an engine Request; raises InvalidRequest/NotFound."""
+    if len(message.request_id) > MAX_REQUEST_ID_LEN:
+        raise InvalidRequestError("request_id", f"at most {MAX_REQUEST_ID_LEN} characters")
+    params = decoding_params(message.parameters)
+    which = message.WhichOneof("conditioning")
+    if which == "user_item":
+        return engine.make_request(
+            message.request_id, params, user_id=message.user_item.user_id,
+            item_id=message.user_item.item_id, stream=stream,
+        )
+    if which == "hidden_state":
+        return engine.make_request(
+            message.request_id, params,
+            hidden_state=np.asarray(message.hidden_state.values, dtype=np.float32), stream=stream,
+        )
+    raise InvalidRequestError("conditioning", "set user_item or hidden_state")
+
+
+def _timing(output: RequestOutput) -> pb.Timing:
+    def ms(seconds: float | None) -> float:
+        return 0.0 if seconds is None else seconds * 1e3
+
+    return pb.Timing(
+        queue_ms=ms(output.queue_s), ttft_ms=ms(output.first_token_s), total_ms=ms(output.total_s)
+    )
+
+
+def generate_response(output: RequestOutput, info: ModelInfo) -> pb.GenerateResponse:
+    tokens = output.token_ids or []
+    response = pb.GenerateResponse(
+        request_id=output.request_id,
+        token_ids=tokens,
+        text=info.detokenize(tokens),
+        finish_reason=_FINISH.get(output.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        token_logprobs=output.logprobs or [],
+        timing=_timing(output),
+    )
+    if output.predicted_rating is not None:
+        response.predicted_rating = output.predicted_rating
+    return response
+
+
+def stream_response(
+    output: RequestOutput, info: ModelInfo, *, first: bool
+) -> pb.GenerateStreamResponse:
+    text = info.detokenize(output.new_token_ids)
+    if text and not first:
+        text = " " + text
+    message = pb.GenerateStreamResponse(
+        request_id=output.request_id,
+        token_ids=output.new_token_ids,
+        text=text,
+        token_logprobs=output.new_logprobs or [],
+    )
+    if first and output.predicted_rating is not None:
+        message.predicted_rating = output.predicted_rating
+    if output.finished:
+        message.finish_reason = _FINISH.get(output.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+        message.timing.CopyFrom(_timing(output))
+    return message
+
+
+def model_info(
+    engine: Engine, *, provider: str, precision: str, max_batch_requests: int
+) -> pb.GetModelInfoResponse:
+    info, cfg, limits = engine.info, engine.info.model_config, engine.limits
+    return pb.GetModelInfoResponse(
+        model_name=info.name,
+        vocab_size=len(info.vocab),
+        embedding_size=int(cfg.get("emsize", 0)),
+        hidden_size=info.hidden_size,
+        num_layers=info.num_layers,
+        num_users=len(info.users),
+        num_items=len(info.items),
+        min_rating=float(cfg.get("min_rating", 0)),
+        max_rating=float(cfg.get("max_rating", 0)),
+        bos_id=info.bos_id,
+        eos_id=info.eos_id,
+        pad_id=info.pad_id,
+        unk_id=info.unk_id,
+        default_max_tokens=limits.default_max_tokens,
+        provider=provider,
+        max_slots=engine.config.num_slots,
+        max_queued=engine.config.max_queued,
+        sampling_top_k=limits.sampling_top_k,
+        max_batch_requests=max_batch_requests,
+        precision=precision,
+    )

@@ -1,0 +1,394 @@
+"""The engine: an asyncio facade over one decode-loop thread.
+
+The asyncio side submits requests and aborts into an inbox; the decode thread drains it at
+step boundaries, runs schedule -> encode/step -> update, and hands the outputs back with
+loop.call_soon_threadsafe, once per step for all requests. ORT releases the GIL while it
+runs, so the event loop keeps serving gRPC during a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    NotFoundError,
+    QueueFullError,
+    RequestAbortedError,
+)
+from .requests import DecodingParams, Limits, Request, RequestOutput, Strategy, validate_params
+from .runner import StepRunner
+from .scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did; observers (metrics) receive it on the decode thread."""
+
+    batch_size: int
+    num_admitted: int
+    step_seconds: float
+    num_waiting: int
+    num_active_slots: int
+    num_finished: int
+
+
+@dataclass
+class EngineStats:
+    """Counters since start; read from any thread (plain ints, updated by the decode thread)."""
+
+    num_steps: int = 0
+    num_tokens: int = 0
+    num_requests_finished: int = 0
+    num_waiting: int = 0
+    num_running: int = 0
+    num_active_slots: int = 0
+    last_batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    vocab: tuple[str, ...]
+    users: dict[str, int]
+    items: dict[str, int]
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int
+    hidden_size: int
+    num_layers: int
+    model_config: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> ModelInfo:
+        ids = bundle.special_ids
+        return cls(
+            name=bundle.name,
+            vocab=bundle.vocab,
+            users={u: i for i, u in enumerate(bundle.users)},
+            items={it: i for i, it in enumerate(bundle.items)},
+            bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], unk_id=ids["unk"],
+            hidden_size=bundle.hidden_size,
+            num_layers=bundle.num_layers,
+            model_config=dict(bundle.model_config),
+        )
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return " ".join(self.vocab[t] for t in token_ids)
+
+
+class RequestHandle:
+    """The asyncio side of one request: iterate for deltas (coalesced), or await result()."""
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self._engine = engine
+        self.request = request
+        self._pending: list[RequestOutput] = []
+        self._event = asyncio.Event()
+        self._error: BaseException | None = None
+        self.final: RequestOutput | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def done(self) -> bool:
+        return self.final is not None or self._error is not None
+
+    def _push(self, output: RequestOutput) -> None:
+        if output.finished:
+            self.final = output
+        self._pending.append(output)
+        self._event.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        """The next delta: everything produced since the last call, merged into one."""
+        while not self._pending:
+            if self._error is not None:
+                raise self._error
+            if self.final is not None:
+                raise StopAsyncIteration
+            self._event.clear()
+            await self._event.wait()
+        pending, self._pending = self._pending, []
+        return _merge(pending)
+
+    async def result(self) -> RequestOutput:
+        while self.final is None:
+            if self._error is not None:
+                raise self._error
+            self._event.clear()
+            await self._event.wait()
+        return self.final
+
+    def abort(self) -> None:
+        if not self.done:
+            self._engine.abort(self.request_id)
+
+
+def _merge(outputs: list[RequestOutput]) -> RequestOutput:
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    tokens = [t for o in outputs for t in o.new_token_ids]
+    lps = None if last.new_logprobs is None else [x for o in outputs for x in (o.new_logprobs or [])]
+    merged = RequestOutput(**{**last.__dict__, "new_token_ids": tokens, "new_logprobs": lps})
+    return merged
+
+
+class Engine:
+    """Owns the runner and the scheduler; serves requests from asyncio code."""
+
+    def __init__(
+        self,
+        runner: StepRunner,
+        info: ModelInfo,
+        config: SchedulerConfig,
+        *,
+        max_beams: int = 8,
+    ) -> None:
+        if config.num_slots != runner.num_slots:
+            raise ValueError("scheduler and runner disagree on the number of slots")
+        self.runner = runner
+        self.info = info
+        self.config = config
+        default_max = int(info.model_config.get("max_len", 15))
+        self.limits = Limits(
+            vocab_size=len(info.vocab),
+            max_tokens=config.max_tokens,
+            default_max_tokens=min(default_max, config.max_tokens),
+            sampling_top_k=runner.top_k,
+            max_beams=min(max_beams, config.num_slots),
+            max_stop_tokens=config.max_stop_tokens,
+        )
+        self.scheduler = Scheduler(config, bos_id=info.bos_id, eos_id=info.eos_id)
+        self.stats = EngineStats()
+        self.observers: list = []  # callables taking StepStats, called on the decode thread
+        self._cv = threading.Condition()
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._abort_inbox: list[str] = []
+        self._handles: dict[str, RequestHandle] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the decode thread; call from the event loop that will submit requests."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="gruserve-decode", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stops the decode thread; unfinished requests fail with RequestAbortedError."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._handles)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def make_request(
+        self,
+        request_id: str,
+        params: DecodingParams,
+        *,
+        user_id: str | None = None,
+        item_id: str | None = None,
+        hidden_state: np.ndarray | None = None,
+        stream: bool = False,
+    ) -> Request:
+        """Validates and resolves a request; raises InvalidRequestError / NotFoundError."""
+        params = validate_params(params, self.limits)
+        request = Request(request_id=request_id or secrets.token_hex(8), params=params, stream=stream)
+        if hidden_state is not None:
+            expected = self.info.num_layers * self.info.hidden_size
+            state = np.asarray(hidden_state, dtype=np.float32).reshape(-1)
+            if state.size != expected:
+                raise InvalidRequestError(
+                    "hidden_state", f"needs {expected} values (num_layers * hidden_size), got {state.size}"
+                )
+            if not np.isfinite(state).all():
+                raise InvalidRequestError("hidden_state", "values must be finite")
+            if not self.runner.can_write_states:
+                raise InvalidRequestError("hidden_state", "this bundle cannot take raw states")
+            request.hidden_state = state.reshape(self.info.hidden_size)
+        else:
+            if not user_id:
+                raise InvalidRequestError("user_item.user_id", "required")
+            if not item_id:
+                raise InvalidRequestError("user_item.item_id", "required")
+            user = self.info.users.get(user_id)
+            if user is None:
+                raise NotFoundError(f"unknown user_id {user_id!r}")
+            item = self.info.items.get(item_id)
+            if item is None:
+                raise NotFoundError(f"unknown item_id {item_id!r}")
+            request.user_index, request.item_index = user, item
+        if params.strategy is Strategy.SAMPLE:
+            seed = params.sampling.seed
+            request.seed = secrets.randbits(63) if seed is None else int(seed)
+        return request
+
+    def submit(self, request: Request) -> RequestHandle:
+        """Queues a request (event-loop thread only); raises QueueFullError / EngineDeadError."""
+        if not self.healthy:
+            raise EngineDeadError(f"engine is not running ({self.error or 'stopped'})")
+        if request.request_id in self._handles:
+            raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
+        with self._cv:
+            if self._stopping:
+                raise EngineDeadError("engine is shutting down")
+            waiting = len(self._inbox) + self.scheduler.num_waiting
+            if waiting >= self.config.max_queued:
+                raise QueueFullError(f"queue full ({self.config.max_queued} waiting)")
+            request.arrival_time = time.monotonic()
+            handle = RequestHandle(self, request)
+            self._handles[request.request_id] = handle
+            self._inbox.append(request)
+            self._cv.notify()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        """Aborts between steps; the handle then receives a final ABORTED output."""
+        with self._cv:
+            self._abort_inbox.append(request_id)
+            self._cv.notify()
+
+    # --- the decode thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._inbox or self._abort_inbox or self.scheduler.has_work()):
+                        if self._stopping:
+                            return
+                        self._cv.wait()
+                    if self._stopping:
+                        return
+                    rejected = self._drain_inbox()
+                if rejected:
+                    self._loop.call_soon_threadsafe(self._fail_some, rejected)
+                self._step()
+        except BaseException as exc:  # noqa: BLE001 - a broken engine must fail loudly
+            log.exception("decode loop failed; the engine is now unavailable")
+            self.error = exc
+        finally:
+            reason = self.error
+            if self._loop is not None and not self._loop.is_closed():
+                error = (
+                    EngineDeadError(f"engine failed: {reason}") if reason
+                    else RequestAbortedError("engine stopped")
+                )
+                try:
+                    self._loop.call_soon_threadsafe(self._fail_all, error)
+                except RuntimeError:
+                    pass  # the loop closed meanwhile: nobody is waiting
+
+    def _drain_inbox(self) -> list[tuple[str, BaseException]]:
+        rejected = []
+        while self._inbox:
+            request = self._inbox.popleft()
+            try:
+                self.scheduler.add(request)
+            except QueueFullError as exc:
+                rejected.append((request.request_id, exc))
+        for request_id in self._abort_inbox:
+            self.scheduler.abort(request_id)
+        self._abort_inbox.clear()
+        return rejected
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        ratings = None
+        if plan.encode is not None:
+            e = plan.encode
+            ratings = self.runner.encode(e.slots, e.users, e.items)
+        if plan.write_states is not None:
+            self.runner.write_states(*plan.write_states)
+        if plan.step is not None:
+            s = plan.step
+            out = self.runner.step(s.read_slots, s.write_slots, s.tokens, want_topk=s.want_topk)
+            outputs = self.scheduler.update(plan, ratings, out.next_tokens, out.topk_logprobs, out.topk_ids)
+        else:
+            outputs = self.scheduler.update(plan, ratings, None)
+        elapsed = time.perf_counter() - t0
+        batch = 0 if plan.step is None else int(plan.step.tokens.size)
+        stats = self.stats
+        stats.num_steps += batch > 0
+        stats.num_tokens += batch
+        stats.num_waiting = self.scheduler.num_waiting
+        stats.num_running = self.scheduler.num_running
+        stats.num_active_slots = self.scheduler.num_active_slots
+        stats.last_batch_size = batch
+        finished = sum(o.finished for o in outputs)
+        stats.num_requests_finished += finished
+        if self.observers:
+            step_stats = StepStats(
+                batch_size=batch,
+                num_admitted=0 if plan.encode is None else int(plan.encode.slots.size),
+                step_seconds=elapsed,
+                num_waiting=stats.num_waiting,
+                num_active_slots=stats.num_active_slots,
+                num_finished=finished,
+            )
+            for observer in self.observers:
+                observer(step_stats)
+        if outputs:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    # --- back on the event loop ------------------------------------------------------------
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            handle = self._handles.get(output.request_id)
+            if handle is None:
+                continue
+            if output.finished:
+                del self._handles[output.request_id]
+            handle._push(output)
+
+    def _fail_some(self, rejected: list[tuple[str, BaseException]]) -> None:
+        for request_id, error in rejected:
+            handle = self._handles.pop(request_id, None)
+            if handle is not None:
+                handle._fail(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            handle._fail(error)

@@ -1,0 +1,210 @@
+"""The gRPC server: engine + servicer + health + reflection, TLS and auth, and a lifecycle.
+
+Health is NOT_SERVING until the model is loaded and warmed up, then SERVING. On SIGTERM or
+SIGINT it turns NOT_SERVING, stops accepting RPCs, lets in-flight ones finish within the
+grace period, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gruserve.v1 import gruserve_pb2 as pb
+from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
+
+from .auth import BearerTokenInterceptor
+from .bundle import Bundle, load_bundle
+from .engine import Engine, ModelInfo
+from .metrics import ServiceMetrics
+from .providers import SessionConfig
+from .requests import DecodingParams
+from .runner import StepRunner
+from .scheduler import SchedulerConfig
+from .servicer import SERVICE_NAME, GeneratorServicer
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"
+    num_slots: int = 256
+    max_queued: int = 1024
+    max_tokens: int = 64
+    max_batch_requests: int = 64
+    intra_op_threads: int = 0
+    cuda_graphs: bool = False
+    # None: no metrics endpoint; 0: any free port
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token: str | None = None
+    grace_s: float = 10.0
+    # a request is a few ids; a batch of 64 with raw states stays far below this
+    max_message_bytes: int = 4 * MiB
+    warmup: bool = True
+
+
+def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # keep idle connections alive through NATs/LBs, but refuse pings more often than 10s
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_connection_idle_ms", 30 * 60_000),
+    ]
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not (config.tls_cert or config.tls_key):
+        if config.tls_client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    cert = Path(config.tls_cert).read_bytes()
+    key = Path(config.tls_key).read_bytes()
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class GruServer:
+    """One serving process: call start(), then wait() or stop()."""
+
+    def __init__(self, bundle: Bundle, config: ServerConfig = ServerConfig()) -> None:
+        self.bundle = bundle
+        self.config = config
+        self.metrics = ServiceMetrics()
+        runner = StepRunner(
+            bundle,
+            num_slots=config.num_slots,
+            config=SessionConfig(
+                device=config.device, intra_op_threads=config.intra_op_threads,
+                cuda_graphs=config.cuda_graphs,
+            ),
+        )
+        self.engine = Engine(
+            runner,
+            ModelInfo.from_bundle(bundle),
+            SchedulerConfig(
+                num_slots=config.num_slots, max_queued=config.max_queued, max_tokens=config.max_tokens
+            ),
+        )
+        self.engine.observers.append(self.metrics.observe_step)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._watchdog: asyncio.Task | None = None
+
+    @property
+    def provider(self) -> str:
+        return self.engine.runner.provider
+
+    async def start(self) -> int:
+        """Binds, starts the engine, warms up, then reports SERVING; returns the bound port."""
+        config = self.config
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
+        servicer = GeneratorServicer(
+            self.engine, self.metrics, self.health, provider=self.provider,
+            precision=self.bundle.precision, max_batch_requests=config.max_batch_requests,
+        )
+        pb_grpc.add_GeneratorServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{config.host}:{config.port}"
+        credentials = _server_credentials(config)
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
+        if not self.port:
+            raise OSError(f"cannot bind {address}")
+        self.engine.start()
+        await server.start()
+        self._server = server
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(config.metrics_port, config.metrics_host)
+        if config.warmup:
+            await self._warm_up()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watchdog = asyncio.create_task(self._watch_engine())
+        log.info(
+            "serving %s on %s (port %d, provider %s, %d slots%s)",
+            self.bundle.name, config.host, self.port, self.provider, config.num_slots,
+            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+        )
+        return self.port
+
+    async def _warm_up(self) -> None:
+        """One real request through encoder and step graphs before reporting SERVING."""
+        info = self.engine.info
+        user, item = next(iter(info.users)), next(iter(info.items))
+        request = self.engine.make_request(
+            "warmup", DecodingParams(max_tokens=2), user_id=user, item_id=item
+        )
+        await self.engine.submit(request).result()
+
+    async def _watch_engine(self) -> None:
+        while self.engine.healthy:
+            await asyncio.sleep(0.5)
+        log.error("engine stopped serving (%s): health NOT_SERVING", self.engine.error)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _set_health(self, status) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new RPCs, finish in-flight ones within the grace period."""
+        grace = self.config.grace_s if grace is None else grace
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._server is not None:
+            await self._server.stop(grace)
+        self.engine.stop()
+        self.metrics.close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve_forever(bundle_path: str | Path, config: ServerConfig) -> int:
+    """Runs until SIGTERM/SIGINT; returns the process exit code (0 after a clean drain)."""
+    bundle = load_bundle(bundle_path)
+    server = GruServer(bundle, config)
+    await server.start()
+    print(f"gruserve: serving {bundle.path} on {config.host}:{server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining (grace %.1fs)", config.grace_s)
+    await server.stop()
+    return 0
