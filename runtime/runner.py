@@ -29,14 +29,19 @@ class StepOutput:
     topk_ids: np.ndarray | None = None  # (B, K) int64
 
 
-def _check_io(session: ort.InferenceSession, spec: GraphSpec) -> None:
-    """The graph's I/O must be exactly what the manifest says (names, dtypes, ranks)."""
+def _dims(shape) -> tuple:
+    """Fixed dims as ints, symbolic (dynamic) ones as '?': names may differ, sizes may not."""
+    return tuple(d if isinstance(d, int) else "?" for d in shape)
+
+
+def check_io(session: ort.InferenceSession, spec: GraphSpec) -> None:
+    """The graph's I/O must be exactly what the manifest says (names, dtypes, shapes)."""
     for kind, actual, expected in (
         ("input", session.get_inputs(), spec.inputs),
         ("output", session.get_outputs(), spec.outputs),
     ):
-        got = [(a.name, a.type, len(a.shape)) for a in actual]
-        want = [(e.name, _ORT_TYPES.get(e.dtype, e.dtype), len(e.shape)) for e in expected]
+        got = [(a.name, a.type, _dims(a.shape)) for a in actual]
+        want = [(e.name, _ORT_TYPES.get(e.dtype, e.dtype), _dims(e.shape)) for e in expected]
         if got != want:
             raise BundleError(
                 f"{spec.path}: graph {kind}s {got} do not match the manifest's {want}"
@@ -55,17 +60,24 @@ class _BoundGraph:
         except Exception as exc:  # noqa: BLE001 - ORT raises bare RuntimeErrors
             raise BundleError(f"{spec.path}: onnxruntime cannot load it ({exc})") from None
         self.provider = check_provider(self.session, config, spec.path.name)
-        _check_io(self.session, spec)
+        check_io(self.session, spec)
         self.names = spec.bindings
         self.binding = self.session.io_binding()
         self.output_device = "cuda" if self.provider == CUDA else "cpu"
 
+    def input_dtype(self, role: str) -> np.dtype:
+        """The numpy dtype the manifest gives the input bound to `role` (e.g. the pool)."""
+        name = self.names[role]
+        for t in self.spec.inputs:
+            if t.name == name:
+                return np.dtype(t.dtype)
+        raise BundleError(f"{self.spec.path}: manifest has no input '{name}' for '{role}'")
+
     def bind_pool(self, pool: ort.OrtValue, host_outputs: tuple[str, ...]) -> None:
-        """Binds once: the pool in and out to one buffer, the host outputs to CPU memory."""
+        """Binds the pool in and out to one buffer, once; host outputs are named here."""
         self.binding.bind_ortvalue_input(self.names["pool"], pool)
         self.binding.bind_ortvalue_output(self.names["pool_out"], pool)
-        for role in host_outputs:
-            self.binding.bind_output(self.names[role], "cpu")
+        self.host_outputs = tuple(self.names[role] for role in host_outputs)
         self.num_host_outputs = len(host_outputs)
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -73,6 +85,10 @@ class _BoundGraph:
         b = self.binding
         for role, array in inputs.items():
             b.bind_cpu_input(self.names[role], array)
+        # re-bound every run: a bound output keeps the buffer ORT allocated for it, whose
+        # batch size would then be wrong for the next step
+        for name in self.host_outputs:
+            b.bind_output(name, "cpu")
         self.session.run_with_iobinding(b)
         outputs = b.get_outputs()  # the pool first (bound first), then the host outputs
         return [outputs[i + 1].numpy() for i in range(self.num_host_outputs)]
@@ -103,10 +119,19 @@ class StepRunner:
         )
         device = "cuda" if self.provider == CUDA else "cpu"
         shape = [bundle.num_layers, num_slots, bundle.hidden_size]
+        # the pool's dtype is the step graph's (float16 in an fp16 bundle); every graph that
+        # binds the pool must agree, or binding one buffer to all of them is wrong
+        self.pool_dtype = self._greedy.input_dtype("pool")
+        for graph in (self._encoder, self._topk, self._writer):
+            if graph is not None and graph.input_dtype("pool") != self.pool_dtype:
+                raise BundleError(
+                    f"{graph.spec.path}: pool dtype {graph.input_dtype('pool')} differs from "
+                    f"the step graph's {self.pool_dtype}"
+                )
         # zeros, not uninitialized memory: a slot is always written before it is read, but a
         # bug would then show up as zeros rather than as garbage
         self.pool = ort.OrtValue.ortvalue_from_numpy(
-            np.zeros(shape, dtype=np.float32), device, config.device_id
+            np.zeros(shape, dtype=self.pool_dtype), device, config.device_id
         )
         self._encoder.bind_pool(self.pool, ("rating",))
         self._greedy.bind_pool(self.pool, ("next_token",))
@@ -138,9 +163,9 @@ class StepRunner:
         """Writes caller-given initial states (B, H) into slots."""
         if self._writer is None:
             raise BundleError(f"{self.bundle.path}: bundle has no state_writer graph")
-        self._writer.run(
-            {"slots": _i64(slots), "states": np.ascontiguousarray(states, dtype=np.float32)}
-        )
+        dtype = self._writer.input_dtype("states")
+        states = np.ascontiguousarray(states, dtype=dtype)
+        self._writer.run({"slots": _i64(slots), "states": states})
 
     def step(
         self,
@@ -162,7 +187,8 @@ class StepRunner:
         return StepOutput(nxt)
 
     def read_states(self, slots: np.ndarray) -> np.ndarray:
-        """Copies slots' states to the host (L, B, H): for tests and debugging, never per step."""
+        """Copies slots' states to the host (L, B, H) in the pool's dtype: for tests and
+        debugging, never per step."""
         return self.pool.numpy()[:, _i64(slots)]
 
 
