@@ -1,0 +1,60 @@
+"""The command line as operators use it: help texts, and clear one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gruserve.runtime.cli import main
+
+COMMANDS = ["serve", "generate", "info", "train", "export", "verify", "evaluate"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"gruserve {command}" in out
+    assert "--" in out  # it documents options
+
+
+def _serve(bundle_dir) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gruserve.runtime", "serve", str(bundle_dir), "--port", "0",
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_serve_refuses_a_bundle_with_a_missing_file(tiny_bundle_dir, tmp_path):
+    broken = shutil.copytree(tiny_bundle_dir, tmp_path / "bundle")
+    (broken / "decoder_step.onnx").unlink()
+    result = _serve(broken)
+    assert result.returncode == 2
+    assert "decoder_step.onnx" in result.stderr and "missing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_an_altered_bundle_file(tiny_bundle_dir, tmp_path):
+    broken = shutil.copytree(tiny_bundle_dir, tmp_path / "bundle")
+    vocab = broken / "vocab.json"
+    words = json.loads(vocab.read_text())
+    words[10] = "tampered"
+    vocab.write_text(json.dumps(words))
+    result = _serve(broken)
+    assert result.returncode == 2
+    assert "vocab.json" in result.stderr and "sha256" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_directory_that_is_no_bundle(tmp_path):
+    result = _serve(tmp_path)
+    assert result.returncode == 2
+    assert "manifest.json" in result.stderr
+    assert "Traceback" not in result.stderr
