@@ -89,7 +89,9 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"TrainConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+            raise ValueError(
+                f"TrainConfig.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,7 +199,9 @@ def _find_index_dir(data_dir: Path) -> Path:
         if len(numbered) > 1:
             log.info(
                 "%s: using split folder %s of %s; pass --index-dir to pick another",
-                data_dir, numbered[0].name, ", ".join(p.name for p in numbered),
+                data_dir,
+                numbered[0].name,
+                ", ".join(p.name for p in numbered),
             )
         return numbered[0]
     files = ", ".join(f"{name}.index" for name in SPLITS)
@@ -208,7 +212,9 @@ def _find_index_dir(data_dir: Path) -> Path:
     )
 
 
-def build_vocabularies(corpus: Corpus, vocab_size: int) -> tuple[Vocabulary, EntityIndex, EntityIndex]:
+def build_vocabularies(
+    corpus: Corpus, vocab_size: int
+) -> tuple[Vocabulary, EntityIndex, EntityIndex]:
     """Words come from the training split only; users and items from the whole corpus."""
     vocab = Vocabulary.build((tokenize(r.text) for r in corpus.split("train")), vocab_size)
     users = EntityIndex.build(r.user for r in corpus.reviews)
@@ -259,7 +265,8 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError(
                 f"device {name!r} requested but torch.cuda.is_available() is False "
-                f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use --device cpu"
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                f"use --device cpu"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RuntimeError(
@@ -292,15 +299,14 @@ def run_epoch(
     training = optimizer is not None
     model.train(training)
     device = next(model.parameters()).device
-    order = (
-        torch.randperm(len(data), generator=generator) if training else torch.arange(len(data))
-    )
+    order = torch.randperm(len(data), generator=generator) if training else torch.arange(len(data))
     total_nll = total_sq = 0.0
     num_tokens = 0
     batches = range(0, len(data), batch_size)
-    with torch.set_grad_enabled(training), tqdm(
-        batches, desc=desc, leave=False, disable=None, unit="batch"
-    ) as bar:
+    with (
+        torch.set_grad_enabled(training),
+        tqdm(batches, desc=desc, leave=False, disable=None, unit="batch") as bar,
+    ):
         for start in bar:
             idx = order[start : start + batch_size]
             user, item = data.users[idx].to(device), data.items[idx].to(device)
@@ -339,11 +345,22 @@ def train(
     `config`, so a finished run can be extended by raising max_epochs. Returns the best
     checkpoint and the history of all epochs, the resumed ones included.
     """
+    previous_threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _train(corpus, config, Path(out_dir), resume)
+    finally:
+        if config.num_threads:
+            torch.set_num_threads(previous_threads)  # leave the process as we found it
+
+
+def _train(
+    corpus: Corpus, config: TrainConfig, out_dir: Path, resume: Checkpoint | None
+) -> tuple[Checkpoint, list[EpochStats]]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
     if resume is not None:
         vocab, users, items = resume.vocab, resume.users, resume.items
@@ -366,13 +383,19 @@ def train(
     valid_data = _encode_for_training(
         corpus, "validation", vocab, users, items, model_config.max_len
     )
+    model = NRT(model_config).to(device)
     log.info(
         "training on %s: %d train / %d validation reviews, %d words, %d users, %d items, "
-        "%d parameters", device, len(train_data), len(valid_data), len(vocab), len(users),
-        len(items), sum(p.numel() for p in NRT(model_config).parameters()),
+        "%d parameters",
+        device,
+        len(train_data),
+        len(valid_data),
+        len(vocab),
+        len(users),
+        len(items),
+        sum(p.numel() for p in model.parameters()),
     )
 
-    model = NRT(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start_epoch, best_loss, best_epoch, stale = 1, math.inf, 0, 0
     history: list[EpochStats] = []
@@ -396,12 +419,19 @@ def train(
             save_checkpoint(best, out_dir / BEST_FILE)  # resuming into a new out_dir
         log.info(
             "resuming after epoch %d (best valid loss %.4f at epoch %d, %d epoch(s) without "
-            "improvement)", resume.epoch, best_loss, best_epoch, stale,
+            "improvement)",
+            resume.epoch,
+            best_loss,
+            best_epoch,
+            stale,
         )
 
     if start_epoch > config.max_epochs:
-        log.info("nothing to do: resumed after epoch %d, max_epochs is %d",
-                 start_epoch - 1, config.max_epochs)
+        log.info(
+            "nothing to do: resumed after epoch %d, max_epochs is %d",
+            start_epoch - 1,
+            config.max_epochs,
+        )
     started = time.monotonic()
     for epoch in range(start_epoch, config.max_epochs + 1):
         if stale >= config.patience:
@@ -413,12 +443,23 @@ def train(
         t0 = time.monotonic()
         torch.manual_seed(config.seed * 1_000_003 + epoch)  # any global-RNG use, per epoch too
         train_nll, train_mse = run_epoch(
-            model, train_data, vocab.pad_id, config.rating_weight, config.batch_size,
-            optimizer, epoch_generator(config.seed, epoch),
-            desc=f"epoch {epoch}/{config.max_epochs}", clip_norm=config.clip_norm,
+            model,
+            train_data,
+            vocab.pad_id,
+            config.rating_weight,
+            config.batch_size,
+            optimizer,
+            epoch_generator(config.seed, epoch),
+            desc=f"epoch {epoch}/{config.max_epochs}",
+            clip_norm=config.clip_norm,
         )
         valid_nll, valid_mse = run_epoch(
-            model, valid_data, vocab.pad_id, config.rating_weight, config.batch_size, None,
+            model,
+            valid_data,
+            vocab.pad_id,
+            config.rating_weight,
+            config.batch_size,
+            None,
             desc="validation",
         )
         valid_loss = valid_nll + config.rating_weight * valid_mse
@@ -439,8 +480,15 @@ def train(
         history.append(stats)
         log.info(
             "epoch %d/%d: train ppl %.3f rating mse %.4f | valid ppl %.3f rating mse %.4f | "
-            "%.1fs%s", epoch, config.max_epochs, stats.train_ppl, train_mse, stats.valid_ppl,
-            valid_mse, stats.seconds, " | best" if improved else f" | {stale} without improvement",
+            "%.1fs%s",
+            epoch,
+            config.max_epochs,
+            stats.train_ppl,
+            train_mse,
+            stats.valid_ppl,
+            valid_mse,
+            stats.seconds,
+            " | best" if improved else f" | {stale} without improvement",
         )
         checkpoint = Checkpoint(
             model_config=model_config,
@@ -500,9 +548,12 @@ def _encode_for_training(
 def _warn_on_size_change(config: TrainConfig, model_config: ModelConfig) -> None:
     for name in ("emsize", "hidden_size", "mlp_layers", "max_len"):
         if getattr(config, name) != getattr(model_config, name):
-            log.warning(
+            log.info(
                 "resume: %s=%s in the config is ignored; the checkpoint's model has %s=%s",
-                name, getattr(config, name), name, getattr(model_config, name),
+                name,
+                getattr(config, name),
+                name,
+                getattr(model_config, name),
             )
 
 
@@ -541,7 +592,9 @@ def _resumed_best(resume: Checkpoint, best_epoch: int, out_dir: Path) -> Checkpo
     log.warning(
         "resume: the best epoch was %d but %s does not hold it; until a better epoch comes, "
         "the resumed checkpoint (epoch %d) is returned as the best",
-        best_epoch, path, resume.epoch,
+        best_epoch,
+        path,
+        resume.epoch,
     )
     return resume
 

@@ -2,6 +2,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+
 from gruserve.export.corpus import Corpus, CorpusError, Review, load_corpus, tokenize
 
 

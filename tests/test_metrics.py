@@ -5,6 +5,7 @@ import math
 import random
 
 import pytest
+
 from gruserve.export.metrics import (
     bleu_score,
     feature_coverage_ratio,

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from gruserve.runtime.sampler import (
     GREEDY_TEMPERATURE,
     SamplingParams,

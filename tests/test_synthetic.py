@@ -2,6 +2,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
 from gruserve.export.corpus import load_corpus, tokenize
 from gruserve.export.synthetic import (
     ADJECTIVES,

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from gruserve.export.vocab import SPECIAL_TOKENS, EntityIndex, Vocabulary
 
 

@@ -1,0 +1,312 @@
+"""Training: the sequence format, the loss, the loop (learning, resume, early stopping, seeds)
+and the --data resolution. Every model here is real and tiny, trained for a second or two."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from gruserve.export import train as train_module
+from gruserve.export.checkpoint import load_checkpoint
+from gruserve.export.config import ModelConfig
+from gruserve.export.corpus import CorpusError
+from gruserve.export.model import NRT, nrt_loss, sentence_format
+from gruserve.export.synthetic import SyntheticSpec, make_synthetic_corpus, write_synthetic_corpus
+from gruserve.export.train import TrainConfig, load_training_corpus, train
+
+PAD, BOS, EOS = 2, 0, 1
+SMALL_SPEC = SyntheticSpec(seed=5, num_users=20, num_items=15, num_reviews=240)
+FAST = TrainConfig(
+    emsize=8, hidden_size=16, mlp_layers=1, max_len=15, batch_size=16, lr=1e-2,
+    max_epochs=3, patience=10, seed=0, num_threads=1,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_corpus():
+    return make_synthetic_corpus(SMALL_SPEC)
+
+
+def _weights(checkpoint):
+    return checkpoint.state_dict
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- sequence format and loss
+
+
+def test_sentence_format_short_is_padded():
+    assert sentence_format([7, 8], max_len=4, pad=PAD, bos=BOS, eos=EOS) == [
+        BOS,
+        7,
+        8,
+        EOS,
+        PAD,
+        PAD,
+    ]
+
+
+def test_sentence_format_exact_length_has_no_pad():
+    assert sentence_format([7, 8, 9], max_len=3, pad=PAD, bos=BOS, eos=EOS) == [BOS, 7, 8, 9, EOS]
+
+
+def test_sentence_format_long_is_cut_to_max_len():
+    seq = sentence_format(list(range(10, 30)), max_len=15, pad=PAD, bos=BOS, eos=EOS)
+    assert seq == [BOS, *range(10, 25), EOS]
+    assert len(seq) == 15 + 2
+
+
+def test_sentence_format_empty_tip():
+    assert sentence_format([], max_len=2, pad=PAD, bos=BOS, eos=EOS) == [BOS, EOS, PAD, PAD]
+
+
+def test_loss_ignores_predictions_at_pad_positions():
+    torch.manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(2, 5, 11), dim=-1)
+    target = torch.tensor([[5, 6, EOS, PAD, PAD], [7, EOS, PAD, PAD, PAD]])
+    rating = torch.tensor([3.0, 4.0])
+    base, nll, _ = nrt_loss(rating, rating + 1, log_probs, target, PAD, rating_weight=0.5)
+
+    at_pad = log_probs.clone()
+    at_pad[0, 3] = torch.log_softmax(torch.randn(11), dim=-1)
+    at_pad[1, 2:] = -50.0
+    assert nrt_loss(rating, rating + 1, at_pad, target, PAD, 0.5)[0] == base
+
+    at_word = log_probs.clone()
+    at_word[0, 1] = torch.log_softmax(torch.randn(11), dim=-1)
+    assert nrt_loss(rating, rating + 1, at_word, target, PAD, 0.5)[0] != base
+
+    # the text part is the mean over the 5 real tokens only, the rating part is weighted
+    picked = log_probs.gather(-1, target.clamp(max=10).unsqueeze(-1)).squeeze(-1)
+    expected = -picked[target != PAD].mean()
+    assert torch.allclose(nll, expected)
+    assert torch.allclose(base, expected + 0.5 * 1.0)
+
+
+def test_model_loss_ignores_pad_positions_but_not_words():
+    """Through the real model (input seq[:, :-1], target seq[:, 1:]): whatever the model is fed
+    at positions whose target is pad changes nothing; feeding another word before a real
+    target, or asking for another real target word, changes the loss."""
+    torch.manual_seed(0)
+    config = ModelConfig(num_users=3, num_items=3, ntoken=12, emsize=8, hidden_size=16,
+                         mlp_layers=1, max_len=6)  # fmt: skip
+    model = NRT(config).eval()
+    user, item = torch.tensor([0, 2]), torch.tensor([1, 0])
+    rating = torch.tensor([4.0, 2.0])
+    seq = torch.tensor([sentence_format([5, 6], 6, PAD, BOS, EOS),
+                        sentence_format([7, 8, 9, 10], 6, PAD, BOS, EOS)])  # fmt: skip
+    inputs, target = seq[:, :-1], seq[:, 1:]
+    assert target[0].tolist() == [5, 6, EOS, PAD, PAD, PAD, PAD]
+
+    def loss(inp, tgt):
+        pred, log_probs = model(user, item, inp)
+        return nrt_loss(pred, rating, log_probs, tgt, PAD, 1.0)[0]
+
+    base = loss(inputs, target)
+    fed = inputs.clone()
+    fed[0, 3:] = torch.tensor([9, 11, 4, 7])  # <eos> and the pads fed as input: targets are pad
+    assert torch.equal(loss(fed, target), base)
+
+    fed_word = inputs.clone()
+    fed_word[0, 2] = 11  # the input before the real target <eos>
+    assert not torch.equal(loss(fed_word, target), base)
+
+    other_target = target.clone()
+    other_target[0, 1] = 9
+    assert not torch.equal(loss(inputs, other_target), base)
+
+
+# ---------------------------------------------------------------- the training loop
+
+
+def test_tiny_model_learns(tmp_path, small_corpus):
+    checkpoint, history = train(small_corpus, dataclasses.replace(FAST, max_epochs=4), tmp_path)
+    assert [h.epoch for h in history] == [1, 2, 3, 4]
+    assert history[-1].train_ppl < history[0].train_ppl / 2
+    assert history[-1].valid_ppl < history[0].valid_ppl
+    assert history[-1].train_rating_mse < history[0].train_rating_mse
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best.epoch == checkpoint.epoch == min(history, key=lambda h: h.valid_loss).epoch
+    assert _same_weights(best.state_dict, checkpoint.state_dict)
+    assert load_checkpoint(tmp_path / "last.pt").epoch == 4
+    assert checkpoint.train_config == FAST.to_dict() | {"max_epochs": 4}
+
+
+def test_resume_continues_exactly(tmp_path, small_corpus):
+    """Epochs 1-2, then a resume for 3-4, ends with the weights of epochs 1-4 in one go:
+    the optimizer state, the epoch counter and the shuffles all carry over."""
+    config = dataclasses.replace(FAST, max_epochs=4)
+    straight, straight_history = train(small_corpus, config, tmp_path / "straight")
+    straight_last = load_checkpoint(tmp_path / "straight" / "last.pt")
+
+    train(small_corpus, dataclasses.replace(config, max_epochs=2), tmp_path / "split")
+    last = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert last.epoch == 2
+    adam = last.optimizer_state["optimizer"]
+    steps_per_epoch = -(-len(small_corpus.train) // config.batch_size)
+    assert all(int(s["step"]) == 2 * steps_per_epoch for s in adam["state"].values())
+
+    resumed, history = train(small_corpus, config, tmp_path / "split", resume=last)
+    assert [h.epoch for h in history] == [1, 2, 3, 4]
+    assert [h.valid_loss for h in history] == [h.valid_loss for h in straight_history]
+    assert resumed.epoch == straight.epoch
+    assert _same_weights(
+        load_checkpoint(tmp_path / "split" / "last.pt").state_dict, straight_last.state_dict
+    )
+    assert _same_weights(resumed.state_dict, straight.state_dict)
+
+
+def test_resume_without_optimizer_state_differs(tmp_path, small_corpus):
+    """The exact-resume test above would pass vacuously if Adam's state did not matter."""
+    config = dataclasses.replace(FAST, max_epochs=3)
+    train(small_corpus, config, tmp_path / "straight")
+    train(small_corpus, dataclasses.replace(config, max_epochs=2), tmp_path / "split")
+    last = load_checkpoint(tmp_path / "split" / "last.pt")
+    last.optimizer_state = None
+    train(small_corpus, config, tmp_path / "split", resume=last)
+    assert not _same_weights(
+        load_checkpoint(tmp_path / "split" / "last.pt").state_dict,
+        load_checkpoint(tmp_path / "straight" / "last.pt").state_dict,
+    )
+
+
+def _scripted_validation(monkeypatch, losses):
+    """Real training, but validation reports the given text NLLs in turn (rating mse 0)."""
+    real = train_module.run_epoch
+    script = iter(losses)
+
+    def run_epoch(model, data, pad_id, rating_weight, batch_size, optimizer, *args, **kwargs):
+        if optimizer is not None:
+            return real(model, data, pad_id, rating_weight, batch_size, optimizer, *args, **kwargs)
+        return next(script), 0.0
+
+    monkeypatch.setattr(train_module, "run_epoch", run_epoch)
+
+
+def test_early_stopping_stops_and_keeps_the_best(tmp_path, small_corpus, monkeypatch):
+    _scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 2.1, 1.0, 0.5])
+    config = dataclasses.replace(FAST, max_epochs=10, patience=2)
+    best, history = train(small_corpus, config, tmp_path)
+    assert [h.epoch for h in history] == [1, 2, 3, 4]  # 2 epochs without improvement
+    assert best.epoch == 2 and best.best_valid_loss == 2.0
+    on_disk = load_checkpoint(tmp_path / "best.pt")
+    assert on_disk.epoch == 2
+    # the returned best is a snapshot: Adam's later in-place updates did not leak into it
+    for mine, saved in zip(
+        best.optimizer_state["optimizer"]["state"].values(),
+        on_disk.optimizer_state["optimizer"]["state"].values(),
+        strict=True,
+    ):
+        assert all(torch.equal(mine[key], saved[key]) for key in saved)
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last.epoch == 4
+    assert last.optimizer_state["epochs_without_improvement"] == 2
+
+
+def test_early_stopping_counter_survives_resume(tmp_path, small_corpus, monkeypatch):
+    _scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 2.6, 2.7])
+    config = dataclasses.replace(FAST, max_epochs=10, patience=2)
+    train(small_corpus, dataclasses.replace(config, max_epochs=3), tmp_path)  # 1 stale epoch
+    last = load_checkpoint(tmp_path / "last.pt")
+    best, history = train(small_corpus, config, tmp_path, resume=last)
+    assert [h.epoch for h in history] == [1, 2, 3, 4]  # one more bad epoch, then stop
+    assert best.epoch == 2 and load_checkpoint(tmp_path / "best.pt").epoch == 2
+
+
+def test_resume_into_a_new_directory_writes_the_best(tmp_path, small_corpus, monkeypatch):
+    _scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 2.6])
+    config = dataclasses.replace(FAST, max_epochs=10, patience=2)
+    train(small_corpus, dataclasses.replace(config, max_epochs=3), tmp_path / "a")
+    shutil.copy(tmp_path / "a" / "last.pt", tmp_path / "resume.pt")
+    best, _ = train(
+        small_corpus, config, tmp_path / "b", resume=load_checkpoint(tmp_path / "resume.pt")
+    )
+    # best.pt of run a was not visible: the resumed checkpoint stands in, and is written
+    assert load_checkpoint(tmp_path / "b" / "best.pt").epoch == best.epoch
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path, small_corpus):
+    config = dataclasses.replace(FAST, max_epochs=2)
+    a, _ = train(small_corpus, config, tmp_path / "a")
+    b, _ = train(small_corpus, config, tmp_path / "b")
+    c, _ = train(small_corpus, dataclasses.replace(config, seed=1), tmp_path / "c")
+    assert _same_weights(a.state_dict, b.state_dict)
+    assert not _same_weights(a.state_dict, c.state_dict)
+
+
+def test_config_validation_and_round_trip():
+    assert TrainConfig.from_dict(FAST.to_dict() | {"from_the_future": 1}) == FAST
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="gpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path, small_corpus):
+    with pytest.raises(RuntimeError, match="cuda"):
+        train(small_corpus, dataclasses.replace(FAST, device="cuda"), tmp_path)
+
+
+# ---------------------------------------------------------------- --data resolution
+
+
+def test_load_training_corpus_synthetic():
+    assert load_training_corpus("synthetic", seed=3) == make_synthetic_corpus(SyntheticSpec(seed=3))
+
+
+@pytest.fixture(scope="module")
+def nlg4rs_dir(tmp_path_factory):
+    """The NLG4RS layout: DIR/reviews.pickle and the split folders DIR/1, DIR/2."""
+    root = tmp_path_factory.mktemp("nlg4rs")
+    _, index = write_synthetic_corpus(root, SMALL_SPEC)
+    shutil.copytree(index, root / "1")
+    shutil.copytree(index, root / "2")
+    (root / "2" / "test.index").write_text("0 1 2")
+    shutil.rmtree(index)
+    return root
+
+
+def test_load_training_corpus_nlg4rs_layouts(nlg4rs_dir, tmp_path):
+    expected = make_synthetic_corpus(SMALL_SPEC)
+    assert load_training_corpus(nlg4rs_dir) == expected  # the lowest split folder, 1/
+    assert load_training_corpus(str(nlg4rs_dir / "reviews.pickle")) == expected
+    assert load_training_corpus(nlg4rs_dir, index_dir="2").test == (0, 1, 2)
+    assert load_training_corpus(nlg4rs_dir, index_dir=nlg4rs_dir / "2").test == (0, 1, 2)
+    # what write_synthetic_corpus writes: DIR/index/
+    write_synthetic_corpus(tmp_path, SMALL_SPEC)
+    assert load_training_corpus(tmp_path) == expected
+
+
+def test_load_training_corpus_unrecognised_layouts(tmp_path):
+    with pytest.raises(CorpusError, match="no such directory"):
+        load_training_corpus(tmp_path / "missing")
+    with pytest.raises(CorpusError, match="no reviews.pickle"):
+        load_training_corpus(tmp_path)
+    write_synthetic_corpus(tmp_path, SMALL_SPEC)
+    shutil.rmtree(tmp_path / "index")
+    with pytest.raises(CorpusError, match="layout not recognised"):
+        load_training_corpus(tmp_path)
+    with pytest.raises(CorpusError, match="index directory not found"):
+        load_training_corpus(tmp_path, index_dir="7")
+
+
+def test_build_demo_checkpoint_api(tmp_path):
+    """The demo's wiring, at toy sizes (the real demo trains for a minute: bench/)."""
+    from gruserve.export.demo import DEMO_SPEC, DEMO_TRAIN, build_demo_checkpoint
+
+    assert DEMO_TRAIN.max_seconds == 0  # the demo's weights must not depend on machine load
+    config = dataclasses.replace(DEMO_TRAIN, emsize=8, hidden_size=16, max_epochs=1)
+    path = build_demo_checkpoint(tmp_path, config=config)
+    assert path == tmp_path / "best.pt"
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.epoch == 1
+    assert len(checkpoint.users) == DEMO_SPEC.num_users
+    assert checkpoint.train_config == config.to_dict()
