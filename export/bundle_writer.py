@@ -27,6 +27,7 @@ from gruserve.runtime.bundle import (
 
 from . import onnx_graphs as og
 from .checkpoint import Checkpoint
+from .precision import precision_spec
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ _BINDINGS = {
         "pool": og.POOL, "pool_out": og.POOL_OUT, "read_slots": og.READ_SLOTS,
         "write_slots": og.WRITE_SLOTS, "tokens": og.TOKENS, "next_token": og.NEXT_TOKEN,
     },
-    STATE_WRITER: {"pool": og.POOL, "pool_out": og.POOL_OUT, "slots": og.SLOTS, "states": og.STATES},
+    STATE_WRITER: {
+        "pool": og.POOL, "pool_out": og.POOL_OUT, "slots": og.SLOTS, "states": og.STATES,
+    },
 }
 _BINDINGS[STEP_TOPK] = {
     **_BINDINGS[STEP_GREEDY], "topk_logprobs": og.TOPK_LOGPROBS, "topk_ids": og.TOPK_IDS,
@@ -79,10 +82,18 @@ def _write_json(data, path: Path) -> dict:
 
 
 def write_bundle(
-    checkpoint: Checkpoint, out_dir: Path, *, top_k: int = 64, model_name: str = "nrt"
+    checkpoint: Checkpoint,
+    out_dir: Path,
+    *,
+    top_k: int = 64,
+    model_name: str = "nrt",
+    precision: str = "fp32",
 ) -> Path:
     """Writes the bundle into out_dir (replaced atomically). Verification is separate
-    (`gruserve.export.verify`) and its report is added to the manifest by `export_bundle`."""
+    (`gruserve.export.verify`) and its report is added to the manifest by `export_bundle`.
+
+    precision "fp16" halves the step graph's weights and the state pool (see precision.py)."""
+    spec = precision_spec(precision)
     model = checkpoint.build_model()
     vocab = checkpoint.vocab
     top_k = min(top_k, len(vocab))
@@ -91,13 +102,13 @@ def write_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         graphs = {
-            ENCODER: (og.build_encoder_graph(model), {}),
-            STEP_GREEDY: (og.build_step_graph(model), {}),
-            STATE_WRITER: (og.build_state_writer_graph(model), {}),
+            ENCODER: (og.build_encoder_graph(model, precision), {}),
+            STEP_GREEDY: (og.build_step_graph(model, og.StepGraphOptions(precision=precision)), {}),
+            STATE_WRITER: (og.build_state_writer_graph(model, precision), {}),
         }
         if top_k > 0:
             graphs[STEP_TOPK] = (
-                og.build_step_graph(model, og.StepGraphOptions(top_k=top_k)),
+                og.build_step_graph(model, og.StepGraphOptions(top_k=top_k, precision=precision)),
                 {"top_k": top_k},
             )
         manifest_graphs = {}
@@ -122,7 +133,10 @@ def write_bundle(
             "special_ids": {
                 "bos": vocab.bos_id, "eos": vocab.eos_id, "pad": vocab.pad_id, "unk": vocab.unk_id,
             },
-            "precision": "fp32",
+            "precision": spec.name,
+            "pool_dtype": spec.dtype_name,
+            # what `verify` must reach for this precision; its report lands in "verify"
+            "tolerance": spec.tolerance_dict(),
             "opset": og.OPSET,
             "ir_version": og.IR_VERSION,
             "onnx_version": onnx.__version__,

@@ -63,7 +63,9 @@ class _GraphBuilder:
         self.float_dtype = float_dtype
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # np.ascontiguousarray would turn a 0-d scalar into shape (1,)
+        array = np.array(array, order="C", copy=True)
+        self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def weight(self, name: str, t: torch.Tensor, transpose: bool = False) -> str:
@@ -168,7 +170,7 @@ def build_step_graph(model: NRT, options: StepGraphOptions = StepGraphOptions())
 
     logits = g.linear(h_new, dec.linear, "decoder.linear")  # (B, V)
     if precision.onnx_dtype != TensorProto.FLOAT:
-        # ArgMax, the log-sum-exp over the vocabulary and TopK run in float32
+        # ArgMax, LogSoftmax (a sum over the whole vocabulary) and TopK run in float32
         logits = g.op("Cast", [logits], name="logits_fp32", to=TensorProto.FLOAT)
     if options.slot_pool:
         state_out = _scatter_into_pool(g, POOL, WRITE_SLOTS, h_new)
@@ -178,23 +180,31 @@ def build_step_graph(model: NRT, options: StepGraphOptions = StepGraphOptions())
         state_info = helper.make_tensor_value_info(
             HIDDEN_OUT, state_type, [cfg.num_layers, "batch", H]
         )
-    # argmax(logits) == argmax(log_softmax(logits)): greedy skips the softmax entirely
-    g.op("ArgMax", [logits], name=NEXT_TOKEN, axis=1, keepdims=0)
-
     outputs = [state_info, helper.make_tensor_value_info(NEXT_TOKEN, TensorProto.INT64, ["batch"])]
+    log_probs = None
     if options.top_k or options.with_log_probs:
-        lse = g.op("ReduceLogSumExp", [logits, "axis_1"], keepdims=1)  # (B, 1)
+        # LogSoftmax rather than logits - ReduceLogSumExp(logits): the same numbers, but ORT's
+        # CPU LogSoftmax is vectorised and its generic reduction is not (~15x slower at
+        # V = 20004, which made TopK(64) cost 60-90% per step; bench/results/graphs.md)
+        log_probs = g.op("LogSoftmax", [logits], axis=1)  # (B, V)
     if options.top_k:
-        k = g.const("top_k", np.array([options.top_k], dtype=np.int64))
-        top_logits, _ = g.op("TopK", [logits, k], num_outputs=2, name="topk", axis=1)
-        g.nodes[-1].output[1] = TOPK_IDS
-        g.op("Sub", [top_logits, lse], name=TOPK_LOGPROBS)
+        k_dim = options.top_k
+        k = g.const("top_k", np.array([k_dim], dtype=np.int64))
+        g.op("TopK", [log_probs, k], num_outputs=2, name="topk", axis=1)
+        g.nodes[-1].output[:] = [TOPK_LOGPROBS, TOPK_IDS]  # (B, K) each, sorted descending
+        # TopK breaks ties toward the lower index, as ArgMax does: its first id is the greedy
+        # token, so the sampling graph needs no second pass over the vocabulary
+        first = g.const("first_candidate", np.array(0, dtype=np.int64))
+        g.op("Gather", [TOPK_IDS, first], name=NEXT_TOKEN, axis=1)  # (B,)
         outputs += [
-            helper.make_tensor_value_info(TOPK_LOGPROBS, TensorProto.FLOAT, ["batch", options.top_k]),
-            helper.make_tensor_value_info(TOPK_IDS, TensorProto.INT64, ["batch", options.top_k]),
+            helper.make_tensor_value_info(TOPK_LOGPROBS, TensorProto.FLOAT, ["batch", k_dim]),
+            helper.make_tensor_value_info(TOPK_IDS, TensorProto.INT64, ["batch", k_dim]),
         ]
+    else:
+        # argmax(logits) == argmax(log_softmax(logits)): greedy skips the softmax entirely
+        g.op("ArgMax", [logits], name=NEXT_TOKEN, axis=1, keepdims=0)
     if options.with_log_probs:
-        g.op("Sub", [logits, lse], name=LOG_PROBS)
+        g.op("Identity", [log_probs], name=LOG_PROBS)
         outputs.append(helper.make_tensor_value_info(LOG_PROBS, TensorProto.FLOAT, ["batch", V]))
 
     if options.slot_pool:
@@ -229,8 +239,10 @@ def build_encoder_graph(model: NRT, precision: str = "fp32") -> onnx.ModelProto:
     pool_type = precision_spec(precision).onnx_dtype
     g = _GraphBuilder()
     _axes_consts(g)
-    u = g.op("Gather", [g.weight("encoder.user_embeddings.weight", enc.user_embeddings.weight), USERS], axis=0)
-    i = g.op("Gather", [g.weight("encoder.item_embeddings.weight", enc.item_embeddings.weight), ITEMS], axis=0)
+    user_table = g.weight("encoder.user_embeddings.weight", enc.user_embeddings.weight)
+    item_table = g.weight("encoder.item_embeddings.weight", enc.item_embeddings.weight)
+    u = g.op("Gather", [user_table, USERS], axis=0)  # (B, E)
+    i = g.op("Gather", [item_table, ITEMS], axis=0)  # (B, E)
     ui = g.op("Concat", [u, i], axis=1)  # (B, 2E)
     hidden = g.op("Sigmoid", [g.linear(ui, enc.first_layer, "encoder.first_layer")])
     for index, layer in enumerate(enc.layers):
@@ -243,13 +255,14 @@ def build_encoder_graph(model: NRT, precision: str = "fp32") -> onnx.ModelProto:
     clamped = g.op("Clip", [rating_2d, min_r, max_r])
     # float -> int64 truncates toward zero like torch's .to(int64); clamped values are >= min_r
     rating_class = g.op("Cast", [clamped], to=TensorProto.INT64)  # (B, 1)
+    first = int(cfg.min_rating)
     classes = g.const(
         "rating_classes",
-        np.arange(int(cfg.min_rating), int(cfg.min_rating) + cfg.num_rating_classes, dtype=np.int64)[None, :],
+        np.arange(first, first + cfg.num_rating_classes, dtype=np.int64)[None, :],
     )  # (1, R)
     one_hot = g.op("Cast", [g.op("Equal", [rating_class, classes])], to=TensorProto.FLOAT)  # (B, R)
     features = g.op("Concat", [u, i, one_hot], axis=1)
-    state = g.op("Tanh", [g.linear(features, enc.hidden_encoder, "encoder.hidden_encoder")])  # (B, H)
+    state = g.op("Tanh", [g.linear(features, enc.hidden_encoder, "encoder.hidden_encoder")])
     pool_out = _scatter_into_pool(g, POOL, SLOTS, _to_pool_dtype(g, state, pool_type))
 
     inputs = [

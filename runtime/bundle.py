@@ -18,8 +18,23 @@ BUNDLE_FORMAT = "gruserve-bundle"
 FORMAT_VERSION = 1
 
 # Graph roles the runtime knows; the manifest maps each to a file and I/O names.
-ENCODER, STEP_GREEDY, STEP_TOPK, STATE_WRITER = "encoder", "decoder_step", "decoder_step_topk", "state_writer"
+ENCODER, STEP_GREEDY = "encoder", "decoder_step"
+STEP_TOPK, STATE_WRITER = "decoder_step_topk", "state_writer"
 REQUIRED_GRAPHS = (ENCODER, STEP_GREEDY)
+# numpy dtype names a manifest may use for a graph's tensors
+DTYPES = ("float32", "float16", "int64")
+# export precision -> the state pool's dtype (gruserve.export.precision has the details)
+POOL_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+# role-level names the runtime binds, per graph role (the manifest maps them to graph names)
+_POOL_BINDINGS = ("pool", "pool_out")
+_STEP_BINDINGS = (*_POOL_BINDINGS, "read_slots", "write_slots", "tokens", "next_token")
+ROLE_BINDINGS = {
+    ENCODER: (*_POOL_BINDINGS, "slots", "users", "items", "rating"),
+    STEP_GREEDY: _STEP_BINDINGS,
+    STEP_TOPK: (*_STEP_BINDINGS, "topk_logprobs", "topk_ids"),
+    STATE_WRITER: (*_POOL_BINDINGS, "slots", "states"),
+}
 
 
 class BundleError(Exception):
@@ -62,6 +77,8 @@ class Bundle:
     users: tuple[str, ...]
     items: tuple[str, ...]
     special_ids: dict[str, int]
+    # numpy dtype name of the state pool every graph reads and writes ("float32", "float16")
+    pool_dtype: str = "float32"
 
     @property
     def name(self) -> str:
@@ -106,8 +123,19 @@ def _read_json(path: Path) -> Any:
         raise BundleError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _checked_file(root: Path, name: str, sha256: str) -> Path:
+def _checked_file(root: Path, name: Any, sha256: Any) -> Path:
+    """A file the manifest lists: a plain name inside the bundle, present, with its hash."""
+    if not isinstance(name, str) or not isinstance(sha256, str):
+        raise BundleError(f"{root / MANIFEST}: a file entry needs string 'file' and 'sha256'")
+    # a bundle is flat: a listed name with a separator (../x, /etc/x, sub/x) is refused rather
+    # than followed, and so is a symlink that leads out of the directory
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise BundleError(
+            f"{root / MANIFEST}: file name {name!r} is not a plain name inside the bundle"
+        )
     path = root / name
+    if path.is_symlink() and root.resolve() not in path.resolve().parents:
+        raise BundleError(f"{path}: symlink leads outside the bundle directory")
     if not path.is_file():
         raise BundleError(f"{path}: missing (listed in {MANIFEST})")
     actual = sha256_file(path)
@@ -117,6 +145,63 @@ def _checked_file(root: Path, name: str, sha256: str) -> Path:
             "the file was altered or belongs to another bundle"
         )
     return path
+
+
+def _graph_spec(root: Path, role: str, entry: dict) -> GraphSpec:
+    spec = GraphSpec(
+        role=role,
+        path=_checked_file(root, entry["file"], entry["sha256"]),
+        sha256=entry["sha256"],
+        inputs=tuple(TensorSpec.from_dict(t) for t in entry["inputs"]),
+        outputs=tuple(TensorSpec.from_dict(t) for t in entry["outputs"]),
+        bindings={str(k): str(v) for k, v in dict(entry["bindings"]).items()},
+        attributes=dict(entry.get("attributes", {})),
+    )
+    where = f"{root / MANIFEST}: graph '{role}' ({spec.path.name})"
+    for t in spec.inputs + spec.outputs:
+        if t.dtype not in DTYPES:
+            raise BundleError(f"{where}: tensor '{t.name}' has unknown dtype {t.dtype!r}")
+    missing = [b for b in ROLE_BINDINGS.get(role, ()) if b not in spec.bindings]
+    if missing:
+        raise BundleError(f"{where}: bindings lack {missing}")
+    names = {t.name for t in spec.inputs + spec.outputs}
+    unknown = sorted(v for v in spec.bindings.values() if v not in names)
+    if unknown:
+        raise BundleError(f"{where}: bindings name {unknown}, which are not graph inputs/outputs")
+    if role == STEP_TOPK:
+        top_k = spec.attributes.get("top_k")
+        candidates = next(t for t in spec.outputs if t.name == spec.bindings["topk_ids"])
+        if type(top_k) is not int or top_k <= 0 or candidates.shape[-1:] != (top_k,):
+            raise BundleError(
+                f"{where}: attributes.top_k {top_k!r} does not match the graph's "
+                f"top-k output shape {list(candidates.shape)}"
+            )
+    return spec
+
+
+def _check_model_config(manifest_path: Path, config: dict, special_ids: dict) -> None:
+    for name in ("ntoken", "hidden_size", "max_len"):
+        value = config.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise BundleError(f"{manifest_path}: model_config.{name} must be a positive integer")
+    for name in ("bos", "eos", "pad", "unk"):
+        if name not in special_ids:
+            raise BundleError(f"{manifest_path}: special_ids lacks '{name}'")
+        if not 0 <= special_ids[name] < config["ntoken"]:
+            raise BundleError(f"{manifest_path}: special_ids.{name} is outside the vocabulary")
+
+
+def _pool_dtype(manifest_path: Path, graphs: dict[str, GraphSpec]) -> str:
+    """Every graph that takes the pool must agree on its dtype (the runner allocates one)."""
+    dtypes = {}
+    for role, spec in graphs.items():
+        pool = spec.bindings.get("pool")
+        for t in spec.inputs:
+            if t.name == pool:
+                dtypes[role] = t.dtype
+    if len(set(dtypes.values())) > 1:
+        raise BundleError(f"{manifest_path}: graphs disagree on the state pool's dtype: {dtypes}")
+    return dtypes.get(STEP_GREEDY, "float32")
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -129,39 +214,46 @@ def load_bundle(path: str | Path) -> Bundle:
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{manifest_path}: not a {BUNDLE_FORMAT} manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise BundleError(
-            f"{manifest_path}: unknown format_version {version!r} (this gruserve reads {FORMAT_VERSION})"
+            f"{manifest_path}: unknown format_version {version!r} "
+            f"(this gruserve reads {FORMAT_VERSION})"
         )
     try:
-        graphs = {
-            role: GraphSpec(
-                role=role,
-                path=_checked_file(root, entry["file"], entry["sha256"]),
-                sha256=entry["sha256"],
-                inputs=tuple(TensorSpec.from_dict(t) for t in entry["inputs"]),
-                outputs=tuple(TensorSpec.from_dict(t) for t in entry["outputs"]),
-                bindings=dict(entry["bindings"]),
-                attributes=dict(entry.get("attributes", {})),
-            )
-            for role, entry in manifest["graphs"].items()
-        }
+        graph_entries = manifest["graphs"]
+        if not isinstance(graph_entries, dict):
+            raise BundleError(f"{manifest_path}: 'graphs' must be an object of role -> graph")
         for role in REQUIRED_GRAPHS:
-            if role not in graphs:
+            if role not in graph_entries:
                 raise BundleError(f"{manifest_path}: no '{role}' graph")
+        graphs = {role: _graph_spec(root, role, entry) for role, entry in graph_entries.items()}
         files = manifest["files"]
-        vocab = _read_json(_checked_file(root, files["vocab"]["file"], files["vocab"]["sha256"]))
-        entities = _read_json(
-            _checked_file(root, files["entities"]["file"], files["entities"]["sha256"])
-        )
-        special_ids = {k: int(v) for k, v in manifest["special_ids"].items()}
+        vocab_path = _checked_file(root, files["vocab"]["file"], files["vocab"]["sha256"])
+        entities_path = _checked_file(root, files["entities"]["file"], files["entities"]["sha256"])
+        special_ids = {str(k): int(v) for k, v in manifest["special_ids"].items()}
         model_config = dict(manifest["model_config"])
-    except (KeyError, TypeError) as exc:
-        raise BundleError(f"{manifest_path}: malformed, missing or bad field {exc}") from None
-    if not isinstance(vocab, list) or len(vocab) != int(model_config["ntoken"]):
-        raise BundleError(f"{root / files['vocab']['file']}: vocabulary size differs from the model's ntoken")
-    if not isinstance(entities, dict) or not {"users", "items"} <= entities.keys():
-        raise BundleError(f"{root / files['entities']['file']}: needs 'users' and 'items' lists")
+    except KeyError as exc:
+        raise BundleError(f"{manifest_path}: malformed, missing field {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{manifest_path}: malformed, bad field ({exc})") from None
+    _check_model_config(manifest_path, model_config, special_ids)
+    pool_dtype = _pool_dtype(manifest_path, graphs)
+    precision = manifest.get("precision", "fp32")
+    if POOL_DTYPES.get(precision) != pool_dtype:
+        raise BundleError(
+            f"{manifest_path}: precision {precision!r} with a {pool_dtype} state pool "
+            f"(known: {', '.join(f'{k} -> {v}' for k, v in POOL_DTYPES.items())})"
+        )
+    vocab = _read_json(vocab_path)
+    entities = _read_json(entities_path)
+    if not isinstance(vocab, list) or len(vocab) != model_config["ntoken"]:
+        raise BundleError(f"{vocab_path}: vocabulary size differs from the model's ntoken")
+    if (
+        not isinstance(entities, dict)
+        or not {"users", "items"} <= entities.keys()
+        or not all(isinstance(entities[k], list) for k in ("users", "items"))
+    ):
+        raise BundleError(f"{entities_path}: needs 'users' and 'items' lists")
     return Bundle(
         path=root,
         manifest=manifest,
@@ -171,4 +263,5 @@ def load_bundle(path: str | Path) -> Bundle:
         users=tuple(str(u) for u in entities["users"]),
         items=tuple(str(i) for i in entities["items"]),
         special_ids=special_ids,
+        pool_dtype=pool_dtype,
     )

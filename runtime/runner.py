@@ -43,9 +43,19 @@ def check_io(session: ort.InferenceSession, spec: GraphSpec) -> None:
         got = [(a.name, a.type, _dims(a.shape)) for a in actual]
         want = [(e.name, _ORT_TYPES.get(e.dtype, e.dtype), _dims(e.shape)) for e in expected]
         if got != want:
-            raise BundleError(
-                f"{spec.path}: graph {kind}s {got} do not match the manifest's {want}"
-            )
+            if len(got) != len(want):
+                problem = f"the graph has {len(got)} {kind}s, the manifest lists {len(want)}"
+            else:
+                i = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
+                problem = (
+                    f"{kind} {i} is {_spec_text(got[i])}, the manifest says {_spec_text(want[i])}"
+                )
+            raise BundleError(f"{spec.path}: graph I/O does not match the manifest: {problem}")
+
+
+def _spec_text(entry: tuple) -> str:
+    name, onnx_type, dims = entry
+    return f"'{name}' {onnx_type} [{', '.join(map(str, dims))}]"
 
 
 class _BoundGraph:
