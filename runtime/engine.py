@@ -26,9 +26,17 @@ from .errors import (
     QueueFullError,
     RequestAbortedError,
 )
-from .requests import DecodingParams, Limits, Request, RequestOutput, Strategy, validate_params
+from .requests import (
+    DecodingParams,
+    FinishReason,
+    Limits,
+    Request,
+    RequestOutput,
+    Strategy,
+    validate_params,
+)
 from .runner import StepRunner
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler, SchedulerConfig, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +45,44 @@ log = logging.getLogger(__name__)
 class StepStats:
     """What one step did; observers (metrics) receive it on the decode thread."""
 
-    batch_size: int
-    num_admitted: int
-    step_seconds: float
+    batch_size: int  # rows the step graph ran
+    num_admitted: int  # requests that entered slots before the step
+    step_seconds: float  # schedule + encode + step + update, wall time
     num_waiting: int
     num_active_slots: int
     num_finished: int
+    num_running: int = 0
+    num_tokens: int = 0  # tokens appended to outputs (an ending <eos> is not one)
 
 
 @dataclass
 class EngineStats:
-    """Counters since start; read from any thread (plain ints, updated by the decode thread)."""
+    """Totals since start, and the latest gauges. Written by the decode thread only (plain
+    ints and floats, so any thread may read them; a reader may see one step's update half
+    applied)."""
 
     num_steps: int = 0
+    num_rows: int = 0  # sum of batch sizes
     num_tokens: int = 0
-    num_requests_finished: int = 0
+    num_admitted: int = 0
+    num_requests_finished: int = 0  # aborted ones included
+    num_requests_aborted: int = 0
+    step_seconds_total: float = 0.0
+    ttft_seconds_total: float = 0.0  # over finished requests that produced a token
+    num_ttft: int = 0
     num_waiting: int = 0
     num_running: int = 0
     num_active_slots: int = 0
     last_batch_size: int = 0
+    last_step_seconds: float = 0.0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.num_rows / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def mean_ttft_seconds(self) -> float:
+        return self.ttft_seconds_total / self.num_ttft if self.num_ttft else 0.0
 
 
 @dataclass(frozen=True)
@@ -152,13 +179,18 @@ def _merge(outputs: list[RequestOutput]) -> RequestOutput:
         return outputs[0]
     last = outputs[-1]
     tokens = [t for o in outputs for t in o.new_token_ids]
-    lps = None if last.new_logprobs is None else [x for o in outputs for x in (o.new_logprobs or [])]
-    merged = RequestOutput(**{**last.__dict__, "new_token_ids": tokens, "new_logprobs": lps})
-    return merged
+    lps = None
+    if last.new_logprobs is not None:
+        lps = [x for o in outputs for x in (o.new_logprobs or [])]
+    return RequestOutput(**{**last.__dict__, "new_token_ids": tokens, "new_logprobs": lps})
 
 
 class Engine:
-    """Owns the runner and the scheduler; serves requests from asyncio code."""
+    """Owns the runner and the scheduler; serves requests from asyncio code.
+
+    `runner` is a StepRunner or anything with its interface (num_slots, top_k,
+    can_write_states, encode, write_states, step): tests pass doubles.
+    """
 
     def __init__(
         self,
@@ -169,7 +201,10 @@ class Engine:
         max_beams: int = 8,
     ) -> None:
         if config.num_slots != runner.num_slots:
-            raise ValueError("scheduler and runner disagree on the number of slots")
+            raise ValueError(
+                f"scheduler ({config.num_slots}) and runner ({runner.num_slots}) disagree on "
+                "the number of slots"
+            )
         self.runner = runner
         self.info = info
         self.config = config
@@ -179,7 +214,7 @@ class Engine:
             max_tokens=config.max_tokens,
             default_max_tokens=min(default_max, config.max_tokens),
             sampling_top_k=runner.top_k,
-            max_beams=min(max_beams, config.num_slots),
+            max_beams=min(max_beams, config.batch_limit),
             max_stop_tokens=config.max_stop_tokens,
         )
         self.scheduler = Scheduler(config, bos_id=info.bos_id, eos_id=info.eos_id)
@@ -187,8 +222,8 @@ class Engine:
         self.observers: list = []  # callables taking StepStats, called on the decode thread
         self._cv = threading.Condition()
         self._inbox: collections.deque[Request] = collections.deque()
-        self._abort_inbox: list[str] = []
-        self._handles: dict[str, RequestHandle] = {}
+        self._abort_inbox: list[tuple[str, Request]] = []
+        self._handles: dict[str, RequestHandle] = {}  # event-loop thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -198,12 +233,15 @@ class Engine:
 
     def start(self) -> None:
         """Starts the decode thread; call from the event loop that will submit requests."""
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="gruserve-decode", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stops the decode thread; unfinished requests fail with RequestAbortedError."""
+        """Stops the decode thread after its current step; unfinished requests fail with
+        RequestAbortedError."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -212,7 +250,12 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
+        return (
+            self.error is None
+            and not self._stopping
+            and self._thread is not None
+            and self._thread.is_alive()
+        )
 
     @property
     def num_in_flight(self) -> int:
@@ -232,13 +275,16 @@ class Engine:
     ) -> Request:
         """Validates and resolves a request; raises InvalidRequestError / NotFoundError."""
         params = validate_params(params, self.limits)
-        request = Request(request_id=request_id or secrets.token_hex(8), params=params, stream=stream)
+        request = Request(
+            request_id=request_id or secrets.token_hex(8), params=params, stream=stream
+        )
         if hidden_state is not None:
             expected = self.info.num_layers * self.info.hidden_size
             state = np.asarray(hidden_state, dtype=np.float32).reshape(-1)
             if state.size != expected:
                 raise InvalidRequestError(
-                    "hidden_state", f"needs {expected} values (num_layers * hidden_size), got {state.size}"
+                    "hidden_state",
+                    f"needs {expected} values (num_layers * hidden_size), got {state.size}",
                 )
             if not np.isfinite(state).all():
                 raise InvalidRequestError("hidden_state", "values must be finite")
@@ -271,6 +317,8 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise EngineDeadError("engine is shutting down")
+            # the scheduler's count is read without its thread: at worst one step stale,
+            # which only ever admits fewer
             waiting = len(self._inbox) + self.scheduler.num_waiting
             if waiting >= self.config.max_queued:
                 raise QueueFullError(f"queue full ({self.config.max_queued} waiting)")
@@ -282,9 +330,15 @@ class Engine:
         return handle
 
     def abort(self, request_id: str) -> None:
-        """Aborts between steps; the handle then receives a final ABORTED output."""
+        """Aborts an in-flight request (event-loop thread only) between steps; its handle
+        then receives a final ABORTED output. Unknown or finished ids are ignored."""
+        handle = self._handles.get(request_id)
+        if handle is None:
+            return
         with self._cv:
-            self._abort_inbox.append(request_id)
+            # the Request object, not only its id: a late abort must not hit a newer request
+            # that reuses the id
+            self._abort_inbox.append((request_id, handle.request))
             self._cv.notify()
 
     # --- the decode thread -----------------------------------------------------------------
@@ -310,7 +364,7 @@ class Engine:
             reason = self.error
             if self._loop is not None and not self._loop.is_closed():
                 error = (
-                    EngineDeadError(f"engine failed: {reason}") if reason
+                    EngineDeadError(f"engine failed: {reason!r}") if reason
                     else RequestAbortedError("engine stopped")
                 )
                 try:
@@ -319,21 +373,24 @@ class Engine:
                     pass  # the loop closed meanwhile: nobody is waiting
 
     def _drain_inbox(self) -> list[tuple[str, BaseException]]:
+        """Moves submitted requests, then aborts, into the scheduler (under the lock)."""
         rejected = []
         while self._inbox:
             request = self._inbox.popleft()
             try:
                 self.scheduler.add(request)
-            except QueueFullError as exc:
+            except (QueueFullError, InvalidRequestError) as exc:
                 rejected.append((request.request_id, exc))
-        for request_id in self._abort_inbox:
-            self.scheduler.abort(request_id)
+        for request_id, request in self._abort_inbox:
+            if self.scheduler.get_request(request_id) is request:
+                self.scheduler.abort(request_id)
         self._abort_inbox.clear()
         return rejected
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
+        scheduler = self.scheduler
+        plan = scheduler.schedule()
         ratings = None
         if plan.encode is not None:
             e = plan.encode
@@ -343,43 +400,66 @@ class Engine:
         if plan.step is not None:
             s = plan.step
             out = self.runner.step(s.read_slots, s.write_slots, s.tokens, want_topk=s.want_topk)
-            outputs = self.scheduler.update(plan, ratings, out.next_tokens, out.topk_logprobs, out.topk_ids)
+            outputs = scheduler.update(
+                plan, ratings, out.next_tokens, out.topk_logprobs, out.topk_ids
+            )
         else:
-            outputs = self.scheduler.update(plan, ratings, None)
-        elapsed = time.perf_counter() - t0
+            outputs = scheduler.update(plan, ratings, None)
+        # stats first: whoever sees a result also sees the step that produced it counted
+        self._record(plan, outputs, time.perf_counter() - t0)
+        if outputs:
+            # one callback per step for all requests; unary requests appear here only once
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _record(self, plan: StepPlan, outputs: list[RequestOutput], elapsed: float) -> None:
         batch = 0 if plan.step is None else int(plan.step.tokens.size)
-        stats = self.stats
+        stats, scheduler = self.stats, self.scheduler
         stats.num_steps += batch > 0
-        stats.num_tokens += batch
-        stats.num_waiting = self.scheduler.num_waiting
-        stats.num_running = self.scheduler.num_running
-        stats.num_active_slots = self.scheduler.num_active_slots
+        stats.num_rows += batch
+        stats.num_tokens += scheduler.num_tokens_last_step
+        stats.num_admitted += plan.num_admitted
+        stats.step_seconds_total += elapsed
+        stats.last_step_seconds = elapsed
+        stats.num_waiting = scheduler.num_waiting
+        stats.num_running = scheduler.num_running
+        stats.num_active_slots = scheduler.num_active_slots
         stats.last_batch_size = batch
-        finished = sum(o.finished for o in outputs)
+        finished = 0
+        for output in outputs:
+            if output.finished:
+                finished += 1
+                stats.num_requests_aborted += output.finish_reason is FinishReason.ABORTED
+                if output.first_token_s is not None:
+                    stats.ttft_seconds_total += output.first_token_s
+                    stats.num_ttft += 1
         stats.num_requests_finished += finished
         if self.observers:
             step_stats = StepStats(
                 batch_size=batch,
-                num_admitted=0 if plan.encode is None else int(plan.encode.slots.size),
+                num_admitted=plan.num_admitted,
                 step_seconds=elapsed,
                 num_waiting=stats.num_waiting,
                 num_active_slots=stats.num_active_slots,
                 num_finished=finished,
+                num_running=stats.num_running,
+                num_tokens=scheduler.num_tokens_last_step,
             )
             for observer in self.observers:
-                observer(step_stats)
-        if outputs:
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
+                try:
+                    observer(step_stats)
+                except Exception:  # noqa: BLE001 - metrics must never kill the decode loop
+                    log.exception("step observer %r failed", observer)
 
     # --- back on the event loop ------------------------------------------------------------
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        handles = self._handles
         for output in outputs:
-            handle = self._handles.get(output.request_id)
+            handle = handles.get(output.request_id)
             if handle is None:
                 continue
             if output.finished:
-                del self._handles[output.request_id]
+                del handles[output.request_id]
             handle._push(output)
 
     def _fail_some(self, rejected: list[tuple[str, BaseException]]) -> None:
@@ -391,4 +471,5 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         handles, self._handles = self._handles, {}
         for handle in handles.values():
-            handle._fail(error)
+            # one instance per handle: a raised exception carries its own traceback
+            handle._fail(type(error)(*error.args))

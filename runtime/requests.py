@@ -61,7 +61,9 @@ def validate_params(params: DecodingParams, limits: Limits) -> DecodingParams:
     """
     max_tokens = params.max_tokens or limits.default_max_tokens
     if not 0 < max_tokens <= limits.max_tokens:
-        raise InvalidRequestError("max_tokens", f"must be in 1..{limits.max_tokens}, got {max_tokens}")
+        raise InvalidRequestError(
+            "max_tokens", f"must be in 1..{limits.max_tokens}, got {max_tokens}"
+        )
     if not 0 <= params.min_tokens <= max_tokens:
         raise InvalidRequestError(
             "min_tokens", f"must be in 0..max_tokens ({max_tokens}), got {params.min_tokens}"
@@ -86,10 +88,10 @@ def validate_params(params: DecodingParams, limits: Limits) -> DecodingParams:
             field_name = str(exc).split(" ", 1)[0].rstrip(":")
             raise InvalidRequestError(field_name, str(exc)) from None
     if params.strategy is Strategy.BEAM:
-        if not 1 <= params.num_beams <= min(limits.max_beams, limits.sampling_top_k):
+        max_beams = min(limits.max_beams, limits.sampling_top_k)
+        if not 1 <= params.num_beams <= max_beams:
             raise InvalidRequestError(
-                "num_beams",
-                f"must be in 1..{min(limits.max_beams, limits.sampling_top_k)}, got {params.num_beams}",
+                "num_beams", f"must be in 1..{max_beams}, got {params.num_beams}"
             )
         if not math.isfinite(params.length_penalty):
             raise InvalidRequestError("length_penalty", "must be finite")

@@ -1,0 +1,392 @@
+"""The engine on the tiny real model: ORT runner, decode thread, asyncio facade.
+
+No wall-clock assertions: every wait is bounded by a timeout only so that a broken engine
+fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import torch  # noqa: E402
+
+from gruserve.export.model import greedy_decode  # noqa: E402
+from gruserve.runtime.engine import Engine, ModelInfo, StepStats  # noqa: E402
+from gruserve.runtime.errors import (  # noqa: E402
+    EngineDeadError,
+    QueueFullError,
+    RequestAbortedError,
+)
+from gruserve.runtime.requests import DecodingParams, FinishReason, Strategy  # noqa: E402
+from gruserve.runtime.runner import StepRunner  # noqa: E402
+from gruserve.runtime.sampler import SamplingParams  # noqa: E402
+from gruserve.runtime.scheduler import SchedulerConfig  # noqa: E402
+
+TIMEOUT_S = 60  # a bound so that no test loops forever, never a performance assertion
+NUM_SLOTS = 16
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_bundle):
+    return StepRunner(tiny_bundle, num_slots=NUM_SLOTS)
+
+
+@pytest.fixture(scope="module")
+def info(tiny_bundle):
+    return ModelInfo.from_bundle(tiny_bundle)
+
+
+def run(coro):
+    async def bounded():
+        return await asyncio.wait_for(coro, TIMEOUT_S)
+
+    return asyncio.run(bounded())
+
+
+@contextlib.asynccontextmanager
+async def started(runner, info, **config):
+    config.setdefault("max_tokens", 48)
+    engine = Engine(runner, info, SchedulerConfig(num_slots=runner.num_slots, **config))
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+async def wait_steps(engine: Engine, n: int) -> None:
+    target = engine.stats.num_steps + n
+    while engine.stats.num_steps < target:
+        await asyncio.sleep(0.0005)
+
+
+def pair(info, i):
+    users, items = sorted(info.users), sorted(info.items)
+    return users[i % len(users)], items[(7 * i + 3) % len(items)]
+
+
+def submit(engine, info, request_id, i, params, **kwargs):
+    if "hidden_state" not in kwargs:
+        kwargs["user_id"], kwargs["item_id"] = pair(info, i)
+    return engine.submit(engine.make_request(request_id, params, **kwargs))
+
+
+def mixed_requests(info):
+    """(request_id, pair index, params, extra kwargs): every strategy and stop condition."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(30):
+        kind = i % 6
+        if kind == 0:
+            params = DecodingParams()
+        elif kind == 1:
+            params = DecodingParams(
+                strategy=Strategy.SAMPLE,
+                sampling=SamplingParams(temperature=1.2, top_k=8, top_p=0.9, seed=100 + i),
+            )
+        elif kind == 2:
+            params = DecodingParams(strategy=Strategy.BEAM, num_beams=3, length_penalty=0.8)
+        elif kind == 3:
+            params = DecodingParams(
+                strategy=Strategy.SAMPLE, sampling=SamplingParams(seed=i), min_tokens=5,
+                max_tokens=20, return_logprobs=True,
+            )
+        elif kind == 4:
+            params = DecodingParams(min_tokens=3, stop_token_ids=(4, 5, 6), max_tokens=30)
+        else:
+            params = DecodingParams(strategy=Strategy.BEAM, num_beams=2, max_tokens=10)
+        extra = {}
+        if i % 10 == 9:
+            extra["hidden_state"] = rng.uniform(-0.9, 0.9, size=info.hidden_size)
+        out.append((f"r{i}", i, params, extra))
+    return out
+
+
+async def one_at_a_time(engine, info, requests):
+    results = {}
+    for request_id, i, params, extra in requests:
+        handle = submit(engine, info, request_id, i, params, **extra)
+        results[request_id] = await handle.result()
+    return results
+
+
+def test_each_request_is_the_same_alone_and_in_a_busy_staggered_batch(runner, info):
+    requests = mixed_requests(info)
+
+    async def main():
+        async with started(runner, info) as engine:
+            solo = await one_at_a_time(engine, info, requests)
+            handles = []
+            for n, (request_id, i, params, extra) in enumerate(requests):
+                handles.append(submit(engine, info, request_id, i, params, **extra))
+                if n % 4 == 3:  # arrivals in waves while earlier requests run
+                    await wait_steps(engine, 2)
+            busy = {h.request_id: await h.result() for h in handles}
+            return solo, busy, engine.stats
+
+    solo, busy, stats = run(main())
+    assert stats.num_rows > stats.num_steps  # batches of more than one row did happen
+    for request_id, out in solo.items():
+        assert busy[request_id].token_ids == out.token_ids, request_id
+        assert busy[request_id].finish_reason is out.finish_reason, request_id
+        if out.logprobs is not None:
+            assert busy[request_id].logprobs == pytest.approx(out.logprobs, abs=1e-4)
+
+
+def test_greedy_engine_output_equals_pytorch_greedy_decode(runner, info, tiny_checkpoint):
+    checkpoint, _ = tiny_checkpoint
+    model = checkpoint.build_model()
+    max_tokens = checkpoint.model_config.max_len
+    indices = range(24)
+
+    async def main():
+        async with started(runner, info) as engine:
+            handles = [
+                submit(engine, info, f"g{i}", i, DecodingParams(max_tokens=max_tokens))
+                for i in indices
+            ]
+            return [await h.result() for h in handles]
+
+    outputs = run(main())
+    for i, out in zip(indices, outputs, strict=True):
+        user_id, item_id = pair(info, i)
+        users = torch.tensor([info.users[user_id]])
+        items = torch.tensor([info.items[item_id]])
+        expected, rating = greedy_decode(
+            model, users, items, info.bos_id, info.eos_id, max_tokens
+        )
+        assert out.token_ids == expected[0], (user_id, item_id)
+        assert out.predicted_rating == pytest.approx(float(rating[0]), abs=1e-4)
+        want = FinishReason.LENGTH if len(expected[0]) == max_tokens else FinishReason.EOS
+        assert out.finish_reason is want
+
+
+def test_beam_search_with_one_beam_is_greedy(runner, info):
+    async def main():
+        async with started(runner, info) as engine:
+            greedy = [submit(engine, info, f"g{i}", i, DecodingParams()) for i in range(20)]
+            beam = [
+                submit(engine, info, f"b{i}", i, DecodingParams(strategy=Strategy.BEAM,
+                                                                num_beams=1))
+                for i in range(20)
+            ]
+            return [await h.result() for h in greedy], [await h.result() for h in beam]
+
+    greedy, beam = run(main())
+    for g, b in zip(greedy, beam, strict=True):
+        assert b.token_ids == g.token_ids
+        assert b.finish_reason is g.finish_reason
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(runner, info):
+    def params(seed):
+        return DecodingParams(
+            strategy=Strategy.SAMPLE, min_tokens=12, max_tokens=12,
+            sampling=SamplingParams(temperature=1.5, seed=seed),
+        )
+
+    async def main():
+        async with started(runner, info) as engine:
+            a = submit(engine, info, "a", 1, params(7))
+            b = submit(engine, info, "b", 1, params(7))
+            c = submit(engine, info, "c", 1, params(8))
+            return [(await h.result()).token_ids for h in (a, b, c)]
+
+    a, b, c = run(main())
+    assert a == b
+    assert a != c
+
+
+def test_abort_mid_generation_frees_the_slot_and_leaves_the_others_alone(runner, info):
+    long = DecodingParams(min_tokens=30, max_tokens=30)
+    others = [("a", 1, long), ("b", 2, long), ("c", 3, DecodingParams(min_tokens=25,
+                                                                      max_tokens=25))]
+
+    async def main():
+        async with started(runner, info) as engine:
+            solo = await one_at_a_time(
+                engine, info, [(rid, i, p, {}) for rid, i, p in others + [("d", 4, long)]]
+            )
+            victim_solo = await one_at_a_time(engine, info, [("victim", 5, long, {})])
+        # 4 slots in use at most: the victim and three others fill them, "d" has to wait
+        async with started(runner, info, max_batch_size=4) as engine:
+            victim = submit(engine, info, "victim", 5, long)
+            handles = [submit(engine, info, rid, i, p) for rid, i, p in others]
+            await wait_steps(engine, 1)
+            waiting = submit(engine, info, "d", 4, long)
+            await wait_steps(engine, 4)
+            assert engine.scheduler.running_slots("victim") is not None
+            assert engine.scheduler.running_slots("d") is None
+            victim.abort()
+            aborted = await victim.result()
+            while engine.scheduler.running_slots("d") is None:
+                await asyncio.sleep(0.0005)
+            others_running = [not h.done for h in handles]
+            results = {h.request_id: await h.result() for h in [*handles, waiting]}
+            return solo, victim_solo, aborted, others_running, results
+
+    solo, victim_solo, aborted, others_running, results = run(main())
+    assert aborted.finish_reason is FinishReason.ABORTED
+    assert 0 < len(aborted.token_ids) < 30
+    assert aborted.token_ids == victim_solo["victim"].token_ids[: len(aborted.token_ids)]
+    # at most 4 slots in use: "d" got in only because the abort freed the victim's slot
+    assert all(others_running)
+    for request_id, out in solo.items():
+        assert results[request_id].token_ids == out.token_ids, request_id
+
+
+def test_abort_before_admission_and_after_finish(runner, info):
+    async def main():
+        async with started(runner, info) as engine:
+            h = submit(engine, info, "x", 1, DecodingParams())
+            h.abort()  # still in the inbox: aborted before it ever runs
+            aborted = await h.result()
+            done = await submit(engine, info, "y", 1, DecodingParams()).result()
+            engine.abort("y")  # finished: ignored
+            again = await submit(engine, info, "y", 1, DecodingParams()).result()
+            return aborted, done, again
+
+    aborted, done, again = run(main())
+    assert aborted.finish_reason is FinishReason.ABORTED and aborted.token_ids == []
+    assert again.token_ids == done.token_ids and again.finish_reason is not FinishReason.ABORTED
+
+
+def test_streaming_deltas_add_up_to_the_unary_result(runner, info):
+    params = DecodingParams(min_tokens=10, max_tokens=20, return_logprobs=True)
+
+    async def main():
+        async with started(runner, info) as engine:
+            unary = await submit(engine, info, "u", 6, params).result()
+            handle = submit(engine, info, "s", 6, params, stream=True)
+            deltas = [delta async for delta in handle]
+            return unary, deltas
+
+    unary, deltas = run(main())
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    assert [t for d in deltas for t in d.new_token_ids] == unary.token_ids
+    assert [x for d in deltas for x in d.new_logprobs] == pytest.approx(unary.logprobs)
+    assert deltas[0].predicted_rating == pytest.approx(unary.predicted_rating)
+
+
+def test_queue_full_raises(runner, info):
+    gate, entered = threading.Event(), threading.Event()
+
+    class GatedRunner:
+        """The real runner, but step() waits for the test to open the gate."""
+
+        def __getattr__(self, name):
+            return getattr(runner, name)
+
+        def step(self, *args, **kwargs):
+            entered.set()
+            assert gate.wait(TIMEOUT_S)
+            return runner.step(*args, **kwargs)
+
+    async def main():
+        engine = Engine(GatedRunner(), info, SchedulerConfig(num_slots=NUM_SLOTS, max_queued=3))
+        engine.start()
+        try:
+            handles = [submit(engine, info, "first", 0, DecodingParams())]
+            while not entered.is_set():  # "first" is running: the decode thread is in step
+                await asyncio.sleep(0.0005)
+            handles += [submit(engine, info, f"q{i}", i, DecodingParams()) for i in range(3)]
+            with pytest.raises(QueueFullError):
+                submit(engine, info, "one-too-many", 9, DecodingParams())
+            gate.set()
+            results = [await h.result() for h in handles]
+            # room again once the queue drained
+            results.append(await submit(engine, info, "later", 9, DecodingParams()).result())
+            return results
+        finally:
+            gate.set()
+            engine.stop()
+
+    results = run(main())
+    assert all(r.finished for r in results) and len(results) == 5
+
+
+def test_a_failing_runner_kills_the_engine_visibly(runner, info):
+    calls = {"n": 0}
+
+    class FailingRunner:
+        def __getattr__(self, name):
+            return getattr(runner, name)
+
+        def step(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise RuntimeError("device lost")
+            return runner.step(*args, **kwargs)
+
+    async def main():
+        engine = Engine(FailingRunner(), info, SchedulerConfig(num_slots=NUM_SLOTS))
+        engine.start()
+        try:
+            assert engine.healthy
+            params = DecodingParams(min_tokens=20, max_tokens=20)
+            handles = [submit(engine, info, f"r{i}", i, params) for i in range(3)]
+            stream = submit(engine, info, "s", 4, params, stream=True)
+            errors = []
+            for h in handles:
+                with pytest.raises(EngineDeadError) as info_:
+                    await h.result()
+                errors.append(info_.value)
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+            assert not engine.healthy
+            assert isinstance(engine.error, RuntimeError)
+            with pytest.raises(EngineDeadError):
+                submit(engine, info, "after", 0, DecodingParams())
+            return errors
+        finally:
+            engine.stop()
+
+    errors = run(main())
+    assert all("device lost" in str(e) for e in errors)
+
+
+def test_stop_fails_unfinished_requests(runner, info):
+    async def main():
+        engine = Engine(runner, info, SchedulerConfig(num_slots=NUM_SLOTS, max_tokens=48))
+        engine.start()
+        handle = submit(engine, info, "r", 0, DecodingParams(min_tokens=48, max_tokens=48))
+        await wait_steps(engine, 1)
+        engine.stop()
+        with pytest.raises(RequestAbortedError):
+            await handle.result()
+        assert not engine.healthy
+
+    run(main())
+
+
+def test_stats_and_observers(runner, info):
+    seen: list[StepStats] = []
+
+    async def main():
+        async with started(runner, info) as engine:
+            engine.observers.append(seen.append)
+            engine.observers.append(lambda s: 1 / 0)  # a broken observer must not matter
+            handles = [submit(engine, info, f"r{i}", i, DecodingParams()) for i in range(10)]
+            outputs = [await h.result() for h in handles]
+            await wait_steps(engine, 0)
+            return outputs, engine.stats, engine.healthy
+
+    outputs, stats, healthy = run(main())
+    assert healthy
+    assert stats.num_requests_finished == 10 and stats.num_admitted == 10
+    assert stats.num_tokens == sum(len(o.token_ids) for o in outputs)
+    assert stats.num_steps == len([s for s in seen if s.batch_size])
+    assert stats.num_rows == sum(s.batch_size for s in seen)
+    assert sum(s.num_tokens for s in seen) == stats.num_tokens
+    assert sum(s.num_admitted for s in seen) == 10
+    assert stats.num_ttft == 10 and stats.mean_ttft_seconds > 0
+    assert stats.mean_batch_size > 1
+    assert all(o.queue_s is not None and o.first_token_s >= o.queue_s for o in outputs)
