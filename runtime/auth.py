@@ -1,23 +1,30 @@
 """Optional bearer-token auth: a server interceptor comparing in constant time.
 
-Health checks stay open so that probes (kubelet, load balancers) need no secret.
+Health checks stay open so that probes (kubelet, load balancers) need no secret. Everything
+else, reflection included, needs `authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+DENIED = "missing or invalid bearer token"
 
 
 def load_token(token_file: str | None, token_env: str | None) -> str | None:
-    """The token from a file (first line) or an environment variable; None disables auth."""
+    """The token from a file (its first line) or an environment variable; None disables auth."""
+    if token_file and token_env:
+        raise ValueError("give the token in a file or an environment variable, not both")
     if token_file:
-        token = Path(token_file).read_text(encoding="utf-8").strip()
+        lines = Path(token_file).read_text(encoding="utf-8").strip().splitlines()
+        token = lines[0].strip() if lines else ""
         if not token:
             raise ValueError(f"{token_file}: token file is empty")
         return token
@@ -29,36 +36,63 @@ def load_token(token_file: str | None, token_env: str | None) -> str | None:
     return None
 
 
+def _digest(value: str | bytes) -> bytes:
+    # comparing fixed-size digests keeps even the token's length out of the timing
+    data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+    return hashlib.sha256(data).digest()
+
+
+async def _deny_unary(request_or_iterator, context: grpc.aio.ServicerContext):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+
+
+async def _deny_streaming(request_or_iterator, context: grpc.aio.ServicerContext):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+    yield  # pragma: no cover - makes this an async generator
+
+
+_DENY_FACTORIES = {
+    # (request_streaming, response_streaming) -> handler factory of the same shape
+    (False, False): (grpc.unary_unary_rpc_method_handler, _deny_unary),
+    (False, True): (grpc.unary_stream_rpc_method_handler, _deny_streaming),
+    (True, False): (grpc.stream_unary_rpc_method_handler, _deny_unary),
+    (True, True): (grpc.stream_stream_rpc_method_handler, _deny_streaming),
+}
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    """Refuses every RPC but health checks without `authorization: Bearer <token>`.
 
-        async def deny(request, context: grpc.aio.ServicerContext):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+    on_denied(method) is called for each refusal of a known method (metrics).
+    """
 
-        self._deny = deny
+    def __init__(self, token: str, on_denied: Callable[[str], None] | None = None) -> None:
+        if not token:
+            raise ValueError("empty bearer token")
+        self._expected = _digest(f"Bearer {token}")
+        self._on_denied = on_denied
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        supplied = str(metadata.get("authorization", "")).encode()
-        if hmac.compare_digest(supplied, self._expected):
+        supplied = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                supplied = value
+                break
+        if hmac.compare_digest(_digest(supplied), self._expected):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        if handler is not None and handler.response_streaming and not handler.request_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                self._deny_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            self._deny,
-            request_deserializer=handler.request_deserializer if handler else None,
-            response_serializer=handler.response_serializer if handler else None,
+        if handler is None:
+            return None  # an unknown method: UNIMPLEMENTED, as without auth
+        if self._on_denied is not None:
+            self._on_denied(method)
+        # a denial of the same shape as the real handler, so that grpc reads and writes the
+        # call the way the client expects
+        make, behaviour = _DENY_FACTORIES[(handler.request_streaming, handler.response_streaming)]
+        return make(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
         )
-
-    async def _deny_stream(self, request, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        yield  # pragma: no cover - makes this an async generator

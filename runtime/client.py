@@ -4,13 +4,23 @@ the load-test harness.
     with GruserveClient("127.0.0.1:50051") as client:
         reply = client.generate(user="u1", item="i7", max_tokens=15)
         print(reply.predicted_rating, reply.text)
+
+    async with AsyncGruserveClient("127.0.0.1:50051") as client:
+        async for chunk in client.stream(user="u1", item="i7", strategy="sample", seed=3):
+            print(chunk.text, end="")
+
+Errors arrive as grpc.RpcError (sync) / grpc.aio.AioRpcError (async) with .code() and
+.details(); see docs/api.md for what each status code means.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,7 +37,11 @@ STRATEGIES = {
 
 @dataclass(frozen=True)
 class Connection:
-    """Where and how to connect: TLS when a CA (or client cert) is given, token if set."""
+    """Where and how to connect.
+
+    TLS when `tls` is set (system CAs) or a CA or client certificate is given; mutual TLS
+    with client_cert + client_key; `authorization: Bearer <token>` on every call if token.
+    """
 
     target: str
     root_ca: str | None = None
@@ -36,10 +50,15 @@ class Connection:
     token: str | None = None
     # override the TLS server name (e.g. a certificate made for "localhost")
     server_name: str | None = None
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError("mutual TLS needs both a client certificate and its key")
 
     @property
     def secure(self) -> bool:
-        return bool(self.root_ca or self.client_cert)
+        return bool(self.tls or self.root_ca or self.client_cert)
 
     def credentials(self) -> grpc.ChannelCredentials:
         def read(path):
@@ -52,10 +71,28 @@ class Connection:
         )
 
     def options(self) -> list:
-        opts = [("grpc.max_receive_message_length", 16 << 20)]
+        opts = [
+            ("grpc.max_receive_message_length", 16 << 20),
+            # a ping every 60 s on a busy connection finds a dead server; the server allows
+            # one every 10 s, so this never earns a GOAWAY (too_many_pings)
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+        ]
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
         return opts
+
+    def channel(self) -> grpc.Channel:
+        if self.secure:
+            return grpc.secure_channel(self.target, self.credentials(), options=self.options())
+        return grpc.insecure_channel(self.target, options=self.options())
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        if self.secure:
+            return grpc.aio.secure_channel(
+                self.target, self.credentials(), options=self.options()
+            )
+        return grpc.aio.insecure_channel(self.target, options=self.options())
 
     def metadata(self) -> tuple:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
@@ -100,17 +137,23 @@ def build_request(
     return request
 
 
+def as_request(request: pb.GenerateRequest | Mapping[str, Any]) -> pb.GenerateRequest:
+    """A GenerateRequest, or build_request's keyword arguments as a dict."""
+    if isinstance(request, pb.GenerateRequest):
+        return request
+    return build_request(**request)
+
+
+def _status_name(reply: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
 class GruserveClient:
     """Blocking client. Methods take build_request's keyword arguments."""
 
     def __init__(self, target: str | Connection, timeout: float | None = 30.0) -> None:
         self.connection = target if isinstance(target, Connection) else Connection(target)
-        c = self.connection
-        self.channel = (
-            grpc.secure_channel(c.target, c.credentials(), options=c.options())
-            if c.secure
-            else grpc.insecure_channel(c.target, options=c.options())
-        )
+        self.channel = self.connection.channel()
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
@@ -129,26 +172,56 @@ class GruserveClient:
                 "metadata": self.connection.metadata()}
 
     def generate(self, timeout: float | None = None, **kwargs) -> pb.GenerateResponse:
-        return self.stub.Generate(build_request(**kwargs), **self._kw(timeout))
+        """Generate; kwargs are build_request's."""
+        return self.generate_request(build_request(**kwargs), timeout)
+
+    def generate_request(
+        self, request: pb.GenerateRequest, timeout: float | None = None
+    ) -> pb.GenerateResponse:
+        return self.stub.Generate(request, **self._kw(timeout))
 
     def stream(self, timeout: float | None = None, **kwargs) -> Iterator[pb.GenerateStreamResponse]:
-        return self.stub.GenerateStream(build_request(**kwargs), **self._kw(timeout))
+        """GenerateStream; iterate the result for chunks, call .cancel() on it to stop."""
+        return self.stream_request(build_request(**kwargs), timeout)
+
+    def stream_request(
+        self, request: pb.GenerateRequest, timeout: float | None = None
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        return self.stub.GenerateStream(request, **self._kw(timeout))
 
     def generate_batch(
-        self, requests: Sequence[pb.GenerateRequest], timeout: float | None = None
+        self,
+        requests: Sequence[pb.GenerateRequest | Mapping[str, Any]],
+        timeout: float | None = None,
     ) -> pb.GenerateBatchResponse:
+        """GenerateBatch; each item a GenerateRequest or a dict of build_request's kwargs."""
         return self.stub.GenerateBatch(
-            pb.GenerateBatchRequest(requests=list(requests)), **self._kw(timeout)
+            pb.GenerateBatchRequest(requests=[as_request(r) for r in requests]),
+            **self._kw(timeout),
         )
 
     def model_info(self, timeout: float | None = None) -> pb.GetModelInfoResponse:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout))
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """SERVING, NOT_SERVING, ... (health needs no token)."""
         reply = self.health_stub.Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
         )
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return _status_name(reply)
+
+    def wait_until_serving(self, timeout: float = 60.0, service: str = "") -> None:
+        """Blocks until health is SERVING; raises TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health(service, timeout=max(0.1, deadline - time.monotonic())) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass  # not up yet
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.connection.target} not SERVING after {timeout:.0f}s")
+            time.sleep(0.1)
 
 
 class AsyncGruserveClient:
@@ -156,12 +229,7 @@ class AsyncGruserveClient:
 
     def __init__(self, target: str | Connection, timeout: float | None = 30.0) -> None:
         self.connection = target if isinstance(target, Connection) else Connection(target)
-        c = self.connection
-        self.channel = (
-            grpc.aio.secure_channel(c.target, c.credentials(), options=c.options())
-            if c.secure
-            else grpc.aio.insecure_channel(c.target, options=c.options())
-        )
+        self.channel = self.connection.aio_channel()
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
@@ -180,26 +248,32 @@ class AsyncGruserveClient:
                 "metadata": self.connection.metadata()}
 
     async def generate(self, timeout: float | None = None, **kwargs) -> pb.GenerateResponse:
-        return await self.stub.Generate(build_request(**kwargs), **self._kw(timeout))
+        return await self.generate_request(build_request(**kwargs), timeout)
 
     async def generate_request(
         self, request: pb.GenerateRequest, timeout: float | None = None
     ) -> pb.GenerateResponse:
         return await self.stub.Generate(request, **self._kw(timeout))
 
+    def stream(
+        self, timeout: float | None = None, **kwargs
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """`async for` over the result; call .cancel() on it to stop."""
+        return self.stream_request(build_request(**kwargs), timeout)
+
     def stream_request(
         self, request: pb.GenerateRequest, timeout: float | None = None
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         return self.stub.GenerateStream(request, **self._kw(timeout))
 
-    def stream(self, timeout: float | None = None, **kwargs) -> AsyncIterator[pb.GenerateStreamResponse]:
-        return self.stub.GenerateStream(build_request(**kwargs), **self._kw(timeout))
-
     async def generate_batch(
-        self, requests: Sequence[pb.GenerateRequest], timeout: float | None = None
+        self,
+        requests: Sequence[pb.GenerateRequest | Mapping[str, Any]],
+        timeout: float | None = None,
     ) -> pb.GenerateBatchResponse:
         return await self.stub.GenerateBatch(
-            pb.GenerateBatchRequest(requests=list(requests)), **self._kw(timeout)
+            pb.GenerateBatchRequest(requests=[as_request(r) for r in requests]),
+            **self._kw(timeout),
         )
 
     async def model_info(self, timeout: float | None = None) -> pb.GetModelInfoResponse:
@@ -209,4 +283,17 @@ class AsyncGruserveClient:
         reply = await self.health_stub.Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
         )
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return _status_name(reply)
+
+    async def wait_until_serving(self, timeout: float = 60.0, service: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                remaining = max(0.1, deadline - time.monotonic())
+                if await self.health(service, timeout=remaining) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.connection.target} not SERVING after {timeout:.0f}s")
+            await asyncio.sleep(0.1)

@@ -25,16 +25,27 @@ _FINISH = {
     FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
 }
 MAX_REQUEST_ID_LEN = 128
+# score / length ** length_penalty: a finite but huge exponent overflows or divides by zero
+# in the beam search (seen killing the decode loop); sensible values lie well inside this
+MAX_ABS_LENGTH_PENALTY = 10.0
 DEFAULT_NUM_BEAMS = 4
+# the fields of DecodingParameters: an error on one of them is reported as parameters.<name>
+_PARAM_FIELDS = frozenset(f.name for f in pb.DecodingParameters.DESCRIPTOR.fields)
 
 
 def decoding_params(p: pb.DecodingParameters) -> DecodingParams:
     """Proto defaults (0) become the documented defaults; range checks happen in the engine."""
     if p.strategy not in _STRATEGIES:
         raise InvalidRequestError("parameters.strategy", f"unknown value {p.strategy}")
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "length_penalty"):
         if not math.isfinite(getattr(p, name)):
             raise InvalidRequestError(f"parameters.{name}", "must be finite")
+    if abs(p.length_penalty) > MAX_ABS_LENGTH_PENALTY:
+        raise InvalidRequestError(
+            "parameters.length_penalty",
+            f"must be in [-{MAX_ABS_LENGTH_PENALTY:g}, {MAX_ABS_LENGTH_PENALTY:g}], "
+            f"got {p.length_penalty:g}",
+        )
     return DecodingParams(
         strategy=_STRATEGIES[p.strategy],
         max_tokens=p.max_tokens,
@@ -54,8 +65,23 @@ def decoding_params(p: pb.DecodingParameters) -> DecodingParams:
 
 def engine_request(engine: Engine, message: pb.GenerateRequest, *, stream: bool) -> Request:
     """Validates a GenerateRequest into an engine Request; raises InvalidRequest/NotFound."""
-    if len(message.request_id) > MAX_REQUEST_ID_LEN:
-        raise InvalidRequestError("request_id", f"at most {MAX_REQUEST_ID_LEN} characters")
+    try:
+        return _engine_request(engine, message, stream)
+    except InvalidRequestError as exc:
+        if exc.field in _PARAM_FIELDS:  # the engine names a parameter by its bare name
+            raise InvalidRequestError(
+                f"parameters.{exc.field}", str(exc).split(": ", 1)[-1]
+            ) from None
+        raise
+
+
+def _engine_request(engine: Engine, message: pb.GenerateRequest, stream: bool) -> Request:
+    request_id = message.request_id
+    # the id goes into logs and error details: bounded and printable (no forged log lines)
+    if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
+        raise InvalidRequestError(
+            "request_id", f"at most {MAX_REQUEST_ID_LEN} printable characters"
+        )
     params = decoding_params(message.parameters)
     which = message.WhichOneof("conditioning")
     if which == "user_item":
@@ -116,7 +142,8 @@ def stream_response(
 
 
 def model_info(
-    engine: Engine, *, provider: str, precision: str, max_batch_requests: int
+    engine: Engine, *, provider: str, precision: str, max_batch_requests: int,
+    max_request_bytes: int = 0,
 ) -> pb.GetModelInfoResponse:
     info, cfg, limits = engine.info, engine.info.model_config, engine.limits
     return pb.GetModelInfoResponse(
@@ -140,4 +167,9 @@ def model_info(
         sampling_top_k=limits.sampling_top_k,
         max_batch_requests=max_batch_requests,
         precision=precision,
+        max_tokens=limits.max_tokens,
+        max_beams=min(limits.max_beams, limits.sampling_top_k),
+        max_stop_tokens=limits.max_stop_tokens,
+        accepts_hidden_state=bool(engine.runner.can_write_states),
+        max_request_bytes=max_request_bytes,
     )

@@ -40,9 +40,15 @@ class ServiceMetrics:
             "gruserve_queue_time_seconds", "Accepted to admitted into a slot",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.tokens = Counter("gruserve_generated_tokens", "Tokens generated", registry=r)
+        self.tokens = Counter(
+            "gruserve_generated_tokens", "Tokens generated (aborted requests' included)",
+            registry=r,
+        )
         self.queue_depth = Gauge("gruserve_queue_depth", "Requests waiting for a slot", registry=r)
         self.active_slots = Gauge("gruserve_active_slots", "Decode slots in use", registry=r)
+        self.running = Gauge(
+            "gruserve_running_requests", "Requests holding decode slots", registry=r
+        )
         self.batch_size = Histogram(
             "gruserve_step_batch_size", "Rows per decode step", buckets=_BATCH_BUCKETS, registry=r
         )
@@ -55,19 +61,25 @@ class ServiceMetrics:
         """Engine observer (decode thread); prometheus_client is thread-safe."""
         self.queue_depth.set(stats.num_waiting)
         self.active_slots.set(stats.num_active_slots)
+        self.running.set(stats.num_running)
+        if stats.num_tokens:
+            self.tokens.inc(stats.num_tokens)
         if stats.batch_size:
             self.batch_size.observe(stats.batch_size)
             self.step_time.observe(stats.step_seconds)
 
     def observe_finished(self, output: RequestOutput) -> None:
-        if output.token_ids is not None:
-            self.tokens.inc(len(output.token_ids))
+        """A request answered to its client (event-loop thread)."""
         if output.first_token_s is not None:
             self.ttft.observe(output.first_token_s)
         if output.queue_s is not None:
             self.queue_time.observe(output.queue_s)
         if output.total_s is not None:
             self.e2e.observe(output.total_s)
+
+    def count_denied(self, method: str) -> None:
+        """An RPC refused by auth; `method` is a known /package.Service/Method path."""
+        self.requests.labels(rpc=method.rsplit("/", 1)[-1], code="UNAUTHENTICATED").inc()
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics endpoint; returns the bound port (0 picks a free one)."""
@@ -76,7 +88,7 @@ class ServiceMetrics:
         return server.server_port
 
     def close(self) -> None:
-        server = getattr(self, "_http_server", None)
+        server, self._http_server = getattr(self, "_http_server", None), None
         if server is not None:
             server.shutdown()
             server.server_close()

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gruserve.v1 import gruserve_pb2 as pb
 from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
@@ -28,7 +28,7 @@ from .providers import SessionConfig
 from .requests import DecodingParams
 from .runner import StepRunner
 from .scheduler import SchedulerConfig
-from .servicer import SERVICE_NAME, GeneratorServicer
+from .servicer import SERVICE_NAME, GeneratorServicer, MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,29 @@ class ServerConfig:
 
 def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
+        # a bigger request is refused with RESOURCE_EXHAUSTED before it is parsed
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        # keep idle connections alive through NATs/LBs, but refuse pings more often than 10s
+        # the server pings idle connections every 60 s (dead peers are dropped after 20 s
+        # more) so NATs and load balancers keep them; clients may ping every 10 s at most,
+        # even between calls, before the server answers GOAWAY (too_many_pings)
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # connections idle for 30 minutes are closed gracefully
         ("grpc.max_connection_idle_ms", 30 * 60_000),
+        # grpc's default SO_REUSEPORT lets a second server bind the same port and silently
+        # take half the traffic; a port in use must be a startup error instead
+        ("grpc.so_reuseport", 0),
     ]
+
+
+def format_address(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -106,7 +120,8 @@ class GruServer:
             runner,
             ModelInfo.from_bundle(bundle),
             SchedulerConfig(
-                num_slots=config.num_slots, max_queued=config.max_queued, max_tokens=config.max_tokens
+                num_slots=config.num_slots, max_queued=config.max_queued,
+                max_tokens=config.max_tokens,
             ),
         )
         self.engine.observers.append(self.metrics.observe_step)
@@ -124,49 +139,87 @@ class GruServer:
         """Binds, starts the engine, warms up, then reports SERVING; returns the bound port."""
         config = self.config
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        # outermost first: refuse the unauthenticated before parsing anything
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if config.auth_token:
+            interceptors.append(
+                BearerTokenInterceptor(config.auth_token, on_denied=self.metrics.count_denied)
+            )
+        interceptors.append(MalformedRequestInterceptor(self.metrics))
         server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
         servicer = GeneratorServicer(
             self.engine, self.metrics, self.health, provider=self.provider,
             precision=self.bundle.precision, max_batch_requests=config.max_batch_requests,
+            max_request_bytes=config.max_message_bytes,
         )
         pb_grpc.add_GeneratorServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        address = f"{config.host}:{config.port}"
+        address = format_address(config.host, config.port)
         credentials = _server_credentials(config)
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
+            raise OSError(f"cannot bind {address}: {exc}") from None
         if not self.port:
             raise OSError(f"cannot bind {address}")
         self.engine.start()
-        await server.start()
-        self._server = server
-        if config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(config.metrics_port, config.metrics_host)
-        if config.warmup:
-            await self._warm_up()
+        try:
+            await server.start()
+            self._server = server
+            if config.metrics_port is not None:
+                self.metrics_port = self.metrics.serve_http(
+                    config.metrics_port, config.metrics_host
+                )
+            if config.warmup:
+                await self._warm_up()
+        except BaseException:
+            await server.stop(None)
+            self.engine.stop()
+            self.metrics.close()
+            raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watchdog = asyncio.create_task(self._watch_engine())
         log.info(
-            "serving %s on %s (port %d, provider %s, %d slots%s)",
-            self.bundle.name, config.host, self.port, self.provider, config.num_slots,
-            f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+            "serving %s on %s (provider %s, %d slots, %s%s%s)",
+            self.bundle.name, format_address(config.host, self.port), self.provider,
+            config.num_slots, "TLS" if credentials else "plaintext",
+            ", mutual TLS" if config.tls_client_ca else "",
+            ", token auth" if config.auth_token else "",
         )
+        if self.metrics_port is not None:
+            log.info(
+                "metrics on http://%s/metrics",
+                format_address(config.metrics_host, self.metrics_port),
+            )
         return self.port
 
     async def _warm_up(self) -> None:
-        """One real request through encoder and step graphs before reporting SERVING."""
-        info = self.engine.info
+        """A real request through every graph (encoder, greedy and top-k steps, state
+        writer) before reporting SERVING, so the first client does not pay for it."""
+        info, engine = self.engine.info, self.engine
         user, item = next(iter(info.users)), next(iter(info.items))
-        request = self.engine.make_request(
-            "warmup", DecodingParams(max_tokens=2), user_id=user, item_id=item
-        )
-        await self.engine.submit(request).result()
+        short = DecodingParams(max_tokens=2)
+        requests = [engine.make_request("warmup-greedy", short, user_id=user, item_id=item)]
+        if engine.limits.sampling_top_k:
+            topk = DecodingParams(max_tokens=2, return_logprobs=True)
+            requests.append(
+                engine.make_request("warmup-topk", topk, user_id=user, item_id=item)
+            )
+        if engine.runner.can_write_states:
+            zeros = np.zeros(info.num_layers * info.hidden_size, np.float32)
+            try:
+                requests.append(engine.make_request("warmup-state", short, hidden_state=zeros))
+            except Exception:  # noqa: BLE001 - an optional graph must not block serving
+                log.warning("raw hidden-state requests fail on this bundle", exc_info=True)
+        for request in requests:  # one at a time: max_queued may be 1
+            await engine.submit(request).result()
+        log.debug("warm-up done")
 
     async def _watch_engine(self) -> None:
         while self.engine.healthy:
@@ -181,13 +234,17 @@ class GruServer:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, finish in-flight ones within the grace period."""
         grace = self.config.grace_s if grace is None else grace
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # NOT_SERVING for good: a late watchdog or servicer cannot turn it back
+        await self.health.enter_graceful_shutdown()
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._server is not None:
+            # new RPCs are refused at once; in-flight ones get `grace` seconds, then are
+            # cancelled (which aborts their engine requests)
             await self._server.stop(grace)
         self.engine.stop()
         self.metrics.close()
+        log.info("stopped")
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -195,16 +252,34 @@ class GruServer:
 
 
 async def serve_forever(bundle_path: str | Path, config: ServerConfig) -> int:
-    """Runs until SIGTERM/SIGINT; returns the process exit code (0 after a clean drain)."""
+    """Runs until SIGTERM/SIGINT; returns the process exit code (0 after a clean drain).
+
+    Prints one line, `gruserve: serving BUNDLE on HOST:PORT`, once health is SERVING: with
+    --port 0 it is how a supervisor (or a test) learns the port.
+    """
     bundle = load_bundle(bundle_path)
     server = GruServer(bundle, config)
-    await server.start()
-    print(f"gruserve: serving {bundle.path} on {config.host}:{server.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    # installed before start(): a SIGTERM during warm-up also ends in a clean stop
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("signal received: draining (grace %.1fs)", config.grace_s)
-    await server.stop()
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await server.start()
+        print(
+            f"gruserve: serving {bundle.path} on {format_address(config.host, server.port)}",
+            flush=True,
+        )
+        await stop.wait()
+        log.info("%s received: draining (grace %.1fs)", received[0], config.grace_s)
+        await server.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
     return 0

@@ -1,13 +1,20 @@
-"""Runs a real GruServer on a real socket (port 0) in a background event-loop thread."""
+"""Runs a real GruServer on a real socket (port 0) in a background event-loop thread, and
+the tools the server tests share: a gate on decode steps, a /metrics scraper, polling."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import urllib.request
 from contextlib import contextmanager
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from gruserve.runtime.bundle import load_bundle
 from gruserve.runtime.server import GruServer, ServerConfig
+
+WAIT_S = 30.0  # the longest any test waits for a condition; reaching it is a failure
 
 
 class ServerThread:
@@ -15,6 +22,7 @@ class ServerThread:
         config.setdefault("port", 0)
         config.setdefault("num_slots", 32)
         config.setdefault("device", "cpu")
+        config.setdefault("intra_op_threads", 1)
         self.config = ServerConfig(**config)
         self.bundle = load_bundle(bundle_dir)
         self.loop = asyncio.new_event_loop()
@@ -25,19 +33,29 @@ class ServerThread:
         """Runs a coroutine on the server's loop and waits for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self) -> ServerThread:
-        self.thread.start()
-
-        async def _start():
-            self.server = GruServer(self.bundle, self.config)
-            await self.server.start()
-
-        self.call(_start())
+    def create(self) -> ServerThread:
+        """Builds the server (sessions, engine) without starting it."""
+        if not self.thread.is_alive():
+            self.thread.start()
+        self.server = GruServer(self.bundle, self.config)
         return self
+
+    def start(self) -> ServerThread:
+        if self.server is None:
+            self.create()
+        self.call(self.server.start())
+        return self
+
+    @property
+    def engine(self):
+        return self.server.engine
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        return scrape(f"http://127.0.0.1:{self.server.metrics_port}/metrics")
 
     def stop(self, grace: float = 1.0) -> None:
         if self.server is not None:
@@ -53,3 +71,85 @@ def running_server(bundle_dir, **config):
         yield server
     finally:
         server.stop()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted label items): value} from a Prometheus text endpoint."""
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def wait_for(condition, what: str, timeout: float = WAIT_S, interval: float = 0.01):
+    """Polls until condition() is truthy and returns it; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class StepGate:
+    """Holds the engine's decode steps until the test lets them run.
+
+    Replaces engine.runner.step: every call counts, waits for a permit (allow(n) gives n,
+    open() lets everything through), then runs the real step.
+    """
+
+    def __init__(self, engine, *, closed: bool = True) -> None:
+        self._engine = engine
+        self._real = engine.runner.step
+        self._cv = threading.Condition()
+        self._permits = 0
+        self._open = not closed
+        self.num_steps = 0  # calls, the waiting one included
+        self.num_waiting = 0
+
+    def __enter__(self) -> StepGate:
+        self._engine.runner.step = self._step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.open()
+        self._engine.runner.step = self._real
+
+    def _step(self, *args, **kwargs):
+        with self._cv:
+            self.num_steps += 1
+            self.num_waiting += 1
+            self._cv.notify_all()
+            # longer than any wait of the test: a failing test opens the gate on its way out
+            # before this gives up (which would kill the engine for the tests that follow)
+            ok = self._cv.wait_for(lambda: self._open or self._permits > 0, 2 * WAIT_S)
+            self.num_waiting -= 1
+            if not ok:
+                raise AssertionError("StepGate: the test never let this step run")
+            if not self._open:
+                self._permits -= 1
+        return self._real(*args, **kwargs)
+
+    def allow(self, num_steps: int = 1) -> None:
+        with self._cv:
+            self._permits += num_steps
+            self._cv.notify_all()
+
+    def open(self) -> None:
+        with self._cv:
+            self._open = True
+            self._cv.notify_all()
+
+    def wait_blocked(self, num_steps: int = 1) -> None:
+        """Waits until `num_steps` steps have been called and one of them is held."""
+        with self._cv:
+            ok = self._cv.wait_for(
+                lambda: self.num_steps >= num_steps and self.num_waiting > 0, WAIT_S
+            )
+        if not ok:
+            raise AssertionError(f"step {num_steps} never reached the gate")

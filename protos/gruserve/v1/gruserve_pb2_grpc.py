@@ -26,7 +26,13 @@ if _version_not_supported:
 
 
 class GeneratorStub:
-    """Missing associated documentation comment in .proto file."""
+    """Errors (gRPC status codes): INVALID_ARGUMENT for a malformed or out-of-range field (the
+    details name it, e.g. "parameters.top_p: ..."); NOT_FOUND for an unknown user or item id;
+    RESOURCE_EXHAUSTED when the queue is full (back off and retry) or a message is too large;
+    DEADLINE_EXCEEDED when the call's deadline passes (the work is stopped); UNAVAILABLE when
+    the server is shutting down or its engine failed; UNAUTHENTICATED without a valid bearer
+    token (when the server requires one); INTERNAL for a bug (logged with the request id).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -57,7 +63,13 @@ class GeneratorStub:
 
 
 class GeneratorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Errors (gRPC status codes): INVALID_ARGUMENT for a malformed or out-of-range field (the
+    details name it, e.g. "parameters.top_p: ..."); NOT_FOUND for an unknown user or item id;
+    RESOURCE_EXHAUSTED when the queue is full (back off and retry) or a message is too large;
+    DEADLINE_EXCEEDED when the call's deadline passes (the work is stopped); UNAVAILABLE when
+    the server is shutting down or its engine failed; UNAUTHENTICATED without a valid bearer
+    token (when the server requires one); INTERNAL for a bug (logged with the request id).
+    """
 
     def Generate(self, request, context):
         """One request, one answer when the whole text is ready.
@@ -121,7 +133,13 @@ def add_GeneratorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Generator:
-    """Missing associated documentation comment in .proto file."""
+    """Errors (gRPC status codes): INVALID_ARGUMENT for a malformed or out-of-range field (the
+    details name it, e.g. "parameters.top_p: ..."); NOT_FOUND for an unknown user or item id;
+    RESOURCE_EXHAUSTED when the queue is full (back off and retry) or a message is too large;
+    DEADLINE_EXCEEDED when the call's deadline passes (the work is stopped); UNAVAILABLE when
+    the server is shutting down or its engine failed; UNAUTHENTICATED without a valid bearer
+    token (when the server requires one); INTERNAL for a bug (logged with the request id).
+    """
 
     @staticmethod
     def Generate(request,
