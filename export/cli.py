@@ -30,6 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .checkpoint import load_checkpoint
+    from .demo import DEMO_TRAIN
     from .train import TrainConfig, load_training_corpus, train
 
     corpus = load_training_corpus(args.data, index_dir=args.index_dir, seed=args.corpus_seed)
@@ -38,24 +39,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(TrainConfig)
         if getattr(args, f.name, None) is not None
     }
-    config = TrainConfig(**overrides)
     resume = load_checkpoint(Path(args.resume)) if args.resume else None
+    # a resumed run keeps the settings it was started with unless told otherwise
+    base = TrainConfig.from_dict(resume.train_config) if resume else DEMO_TRAIN
+    config = dataclasses.replace(base, **overrides)
     best, history = train(corpus, config, Path(args.out), resume=resume)
-    last = history[-1] if history else None
     print(f"best checkpoint: {Path(args.out) / 'best.pt'} (epoch {best.epoch})")
-    if last is not None:
-        print(f"last epoch {last.epoch}: valid ppl {last.valid_ppl:.3f}, rating mse {last.valid_rating_mse:.4f}")
+    if history:
+        last = history[-1]
+        print(
+            f"last epoch {last.epoch}: valid ppl {last.valid_ppl:.3f}, "
+            f"rating mse {last.valid_rating_mse:.4f}"
+        )
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     _need_export_extra()
-    from .verify import export_bundle
+    from .verify import VerificationError, export_bundle
 
-    path, report = export_bundle(
-        Path(args.checkpoint), Path(args.out), top_k=args.top_k, precision=args.precision,
-        samples=args.samples, device=args.device,
-    )
+    try:
+        path, report = export_bundle(
+            Path(args.checkpoint), Path(args.out), top_k=args.top_k, precision=args.precision,
+            samples=args.samples, device=args.device, keep_failed=args.keep_failed,
+        )
+    except VerificationError as exc:
+        print(exc.report.summary())
+        print(f"gruserve export: error: {exc}", file=sys.stderr)
+        return 1
     print(report.summary())
     print(f"bundle written: {path}")
     return 0
@@ -63,7 +74,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     _need_export_extra()
-    from .verify import verify_bundle
+    from .verify import record_verify_report, verify_bundle
 
     report = verify_bundle(
         Path(args.bundle), Path(args.checkpoint) if args.checkpoint else None,
@@ -73,6 +84,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.summary())
+    if args.record:
+        if not (report.ok and args.checkpoint):
+            print("gruserve verify: --record needs --checkpoint and a passing report",
+                  file=sys.stderr)
+            return 1
+        record_verify_report(Path(args.bundle), report)
+        print(f"report recorded in {Path(args.bundle) / 'manifest.json'}")
     return 0 if report.ok else 1
 
 
@@ -84,7 +102,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     checkpoint = load_checkpoint(Path(args.checkpoint))
     corpus = load_training_corpus(args.data, index_dir=args.index_dir, seed=args.corpus_seed)
-    report = evaluate(checkpoint, corpus, split=args.split, batch_size=args.batch_size, device=args.device)
+    report = evaluate(
+        checkpoint, corpus, split=args.split, batch_size=args.batch_size,
+        max_tokens=args.max_tokens, device=args.device,
+    )
     if args.out:
         write_eval_outputs(report, Path(args.out))
         print(f"metrics and pairs written to {args.out}", file=sys.stderr)
@@ -95,7 +116,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' (built-in corpus) or an NLG4RS directory with reviews.pickle")
-    p.add_argument("--index-dir", help="directory with train/validation/test.index (default: found under --data)")
+    p.add_argument("--index-dir",
+                   help="directory with train/validation/test.index (default: found under --data)")
     p.add_argument("--corpus-seed", type=int, default=0, help="seed of the synthetic corpus")
 
 
@@ -108,20 +130,29 @@ def add_export_commands(sub) -> None:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="output directory for checkpoints")
     p.add_argument("--resume", help="continue from a checkpoint (e.g. OUT/last.pt)")
-    g = p.add_argument_group("model and training (defaults: the demo configuration)")
+    g = p.add_argument_group(
+        "model and training (defaults: the demo configuration; on --resume, the run's own)"
+    )
     g.add_argument("--emsize", type=int)
     g.add_argument("--hidden-size", dest="hidden_size", type=int)
     g.add_argument("--mlp-layers", dest="mlp_layers", type=int)
     g.add_argument("--max-len", dest="max_len", type=int, help="words per tip (default 15)")
-    g.add_argument("--vocab-size", dest="vocab_size", type=int, help="most frequent words kept (default 20000)")
+    g.add_argument("--vocab-size", dest="vocab_size", type=int,
+                   help="most frequent words kept (default 20000)")
     g.add_argument("--batch-size", dest="batch_size", type=int)
     g.add_argument("--lr", type=float)
-    g.add_argument("--rating-weight", dest="rating_weight", type=float, help="weight of the rating MSE")
+    g.add_argument("--rating-weight", dest="rating_weight", type=float,
+                   help="weight of the rating MSE")
     g.add_argument("--max-epochs", dest="max_epochs", type=int)
-    g.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
+    g.add_argument("--patience", type=int,
+                   help="epochs without validation improvement before stopping")
     g.add_argument("--seed", type=int)
+    g.add_argument("--clip-norm", dest="clip_norm", type=float, help="gradient clipping (0 = off)")
     g.add_argument("--device", choices=("cpu", "cuda"))
-    g.add_argument("--max-seconds", dest="max_seconds", type=float, help="wall-clock budget (0 = none)")
+    g.add_argument("--threads", dest="num_threads", type=int,
+                   help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--max-seconds", dest="max_seconds", type=float,
+                   help="wall-clock budget (0 = none)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -134,8 +165,12 @@ def add_export_commands(sub) -> None:
     p.add_argument("--top-k", type=int, default=64, help="sampling candidates K (0 = greedy only)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="fp16 is for the CUDA provider")
-    p.add_argument("--samples", type=int, default=200, help="(user, item) pairs decoded in verification")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="ORT device to verify on")
+    p.add_argument("--samples", type=int, default=200,
+                   help="(user, item) pairs decoded in verification")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                   help="ORT device to verify on")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep a bundle that fails verification at OUT.failed for inspection")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
@@ -149,6 +184,8 @@ def add_export_commands(sub) -> None:
     p.add_argument("--samples", type=int, default=200, help="(user, item) pairs to decode")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--record", action="store_true",
+                   help="write a passing report into the bundle's manifest")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser(
@@ -159,6 +196,7 @@ def add_export_commands(sub) -> None:
     _add_data_args(p)
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, help="generated words per tip (default: max_len)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", help="directory for metrics.json and the reference/generated pairs")
     p.set_defaults(func=_cmd_evaluate)

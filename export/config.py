@@ -29,7 +29,9 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_layers != 1:
-            raise ValueError("ModelConfig.num_layers: only the seed's single-layer GRU is supported")
+            raise ValueError(
+                "ModelConfig.num_layers: only the seed's single-layer GRU is supported"
+            )
         if self.max_rating < self.min_rating:
             raise ValueError("ModelConfig: max_rating must be >= min_rating")
 

@@ -79,3 +79,18 @@ def build_demo_checkpoint(
         best.valid_rating_mse,
     )
     return out / BEST_FILE
+
+
+def build_demo_bundle(
+    bundle_dir: str | os.PathLike[str], *, work_dir: str | os.PathLike[str]
+) -> Path:
+    """Trains the demo model and exports it, verified, to `bundle_dir` (what `gruserve serve`
+    without a bundle calls on first use)."""
+    from .verify import export_bundle
+
+    checkpoint_path = build_demo_checkpoint(work_dir)
+    path, report = export_bundle(
+        checkpoint_path, Path(bundle_dir), model_name="nrt-demo", progress=False
+    )
+    log.info("demo bundle written and verified against PyTorch: %s", path)
+    return path

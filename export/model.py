@@ -134,7 +134,7 @@ def greedy_decode(
     model.eval()
     rating, hidden = model.encoder(user, item)
     batch = user.size(0)
-    token = torch.full((batch, 1), bos, dtype=torch.int64)
+    token = torch.full((batch, 1), bos, dtype=torch.int64, device=user.device)
     outputs: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     for _ in range(max_tokens):

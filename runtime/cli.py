@@ -246,12 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gruserve.export.cli import add_export_commands
 
     add_export_commands(sub)
-    try:
-        from .loadtest_cli import add_loadtest_command
-    except ImportError:
-        pass
-    else:
-        add_loadtest_command(sub)
+    from .loadtest_cli import add_loadtest_command
+
+    add_loadtest_command(sub)
     return parser
 
 

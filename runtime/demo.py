@@ -43,6 +43,6 @@ def ensure_demo_bundle(home: Path | None = None) -> Path:
                 f"{bundle_dir}: no demo bundle yet, and building one needs the export extra "
                 f"(pip install 'gruserve[export]'): {exc}"
             ) from None
-        log.info("building the demo bundle in %s (first use; about a minute on 2 cores)", bundle_dir)
+        log.info("building the demo bundle in %s (first use: a minute or two)", bundle_dir)
         build_demo_bundle(bundle_dir, work_dir=home / f"{DEMO_NAME}-train")
     return bundle_dir

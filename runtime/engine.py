@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import secrets
 import threading
@@ -130,6 +131,12 @@ class RequestHandle:
 
     @property
     def request_id(self) -> str:
+        """The client's id (two clients may use the same one)."""
+        return self.request.client_id or self.request.request_id
+
+    @property
+    def key(self) -> str:
+        """The engine's unique key of this request."""
         return self.request.request_id
 
     @property
@@ -171,7 +178,7 @@ class RequestHandle:
 
     def abort(self) -> None:
         if not self.done:
-            self._engine.abort(self.request_id)
+            self._engine.abort(self.key)
 
 
 def _merge(outputs: list[RequestOutput]) -> RequestOutput:
@@ -224,6 +231,7 @@ class Engine:
         self._inbox: collections.deque[Request] = collections.deque()
         self._abort_inbox: list[tuple[str, Request]] = []
         self._handles: dict[str, RequestHandle] = {}  # event-loop thread only
+        self._num_made = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -275,8 +283,13 @@ class Engine:
     ) -> Request:
         """Validates and resolves a request; raises InvalidRequestError / NotFoundError."""
         params = validate_params(params, self.limits)
+        client_id = request_id or secrets.token_hex(8)
+        # requests are keyed by the engine, not the client: two clients reusing an id (or a
+        # retry racing its original) must not collide
+        self._num_made += 1
         request = Request(
-            request_id=request_id or secrets.token_hex(8), params=params, stream=stream
+            request_id=f"{client_id}#{self._num_made}", client_id=client_id,
+            params=params, stream=stream,
         )
         if hidden_state is not None:
             expected = self.info.num_layers * self.info.hidden_size
@@ -313,7 +326,7 @@ class Engine:
         if not self.healthy:
             raise EngineDeadError(f"engine is not running ({self.error or 'stopped'})")
         if request.request_id in self._handles:
-            raise InvalidRequestError("request_id", f"{request.request_id!r} is already in flight")
+            raise InvalidRequestError("request_id", "this request was already submitted")
         with self._cv:
             if self._stopping:
                 raise EngineDeadError("engine is shutting down")
@@ -460,7 +473,7 @@ class Engine:
                 continue
             if output.finished:
                 del handles[output.request_id]
-            handle._push(output)
+            handle._push(dataclasses.replace(output, request_id=handle.request_id))
 
     def _fail_some(self, rejected: list[tuple[str, BaseException]]) -> None:
         for request_id, error in rejected:

@@ -6,13 +6,14 @@ No protobuf here: the servicer converts to and from these.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InvalidRequestError
 from .sampler import SamplingParams
+
+MAX_ABS_LENGTH_PENALTY = 10.0
 
 
 class Strategy(enum.Enum):
@@ -93,8 +94,14 @@ def validate_params(params: DecodingParams, limits: Limits) -> DecodingParams:
             raise InvalidRequestError(
                 "num_beams", f"must be in 1..{max_beams}, got {params.num_beams}"
             )
-        if not math.isfinite(params.length_penalty):
-            raise InvalidRequestError("length_penalty", "must be finite")
+        # score / length ** length_penalty: a finite but huge exponent overflows or divides
+        # by zero inside the decode loop (seen killing it); sensible values lie well inside
+        if not abs(params.length_penalty) <= MAX_ABS_LENGTH_PENALTY:
+            raise InvalidRequestError(
+                "length_penalty",
+                f"must be in [-{MAX_ABS_LENGTH_PENALTY:g}, {MAX_ABS_LENGTH_PENALTY:g}], "
+                f"got {params.length_penalty:g}",
+            )
     return DecodingParams(
         strategy=params.strategy,
         max_tokens=max_tokens,
@@ -111,8 +118,11 @@ def validate_params(params: DecodingParams, limits: Limits) -> DecodingParams:
 class Request:
     """One request as the engine sees it: conditioning resolved to indices or a raw state."""
 
+    # the engine's own unique key (the scheduler's dictionary key); clients may reuse ids
     request_id: str
     params: DecodingParams
+    # the id the client chose (or one generated for it), echoed in the response and logs
+    client_id: str = ""
     user_index: int = -1
     item_index: int = -1
     hidden_state: np.ndarray | None = None  # (H,) float32 when conditioning on a raw state

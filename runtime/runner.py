@@ -110,7 +110,10 @@ class StepRunner:
     Batch-shaped everywhere: every call takes arrays of slots, never one request.
     """
 
-    def __init__(self, bundle: Bundle, num_slots: int = 256, config: SessionConfig = SessionConfig()):
+    def __init__(
+        self, bundle: Bundle, num_slots: int = 256, config: SessionConfig | None = None
+    ) -> None:
+        config = config or SessionConfig()
         if num_slots <= 0:
             raise ValueError("num_slots must be positive")
         self.bundle = bundle
@@ -186,7 +189,9 @@ class StepRunner:
     ) -> StepOutput:
         """One decode step for B rows: state from read_slots, new state into write_slots."""
         inputs = {
-            "read_slots": _i64(read_slots), "write_slots": _i64(write_slots), "tokens": _i64(tokens),
+            "read_slots": _i64(read_slots),
+            "write_slots": _i64(write_slots),
+            "tokens": _i64(tokens),
         }
         if want_topk:
             if self._topk is None:

@@ -154,7 +154,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             scope.request_ids.append(rid)
         request = convert.engine_request(self.engine, message, stream=stream)
         if not message.request_id:
-            scope.request_ids.append(request.request_id)
+            scope.request_ids.append(request.client_id)
         return request
 
     def _submit(self, scope: _RpcScope, request: Request) -> RequestHandle:
@@ -212,7 +212,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                     ) from None
                 except GruserveError as exc:
                     raise type(exc)(f"requests[{index}]: {exc}") from None
-            ids = [r.request_id for r in prepared]
+            ids = [r.client_id for r in prepared]
             if len(set(ids)) != len(ids):
                 raise InvalidRequestError("requests", "request_id values must be unique")
             handles = [self._submit(scope, r) for r in prepared]

@@ -16,7 +16,7 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 TINY_SPEC = dict(seed=7, num_users=60, num_items=50, num_reviews=2400)
 TINY_TRAIN = dict(
     emsize=16, hidden_size=32, mlp_layers=2, max_len=15, batch_size=64, lr=1e-2,
-    max_epochs=4, patience=2, seed=0, num_threads=2,
+    max_epochs=4, patience=2, seed=0, num_threads=1,
 )
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from gruserve.runtime.cli import main
 
-COMMANDS = ["serve", "generate", "info", "train", "export", "verify", "evaluate"]
+COMMANDS = ["serve", "generate", "info", "loadtest", "train", "export", "verify", "evaluate"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

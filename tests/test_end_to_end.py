@@ -31,7 +31,8 @@ def test_generate_matches_pytorch_greedy(server, tiny_checkpoint):
         checkpoint.vocab.bos_id, checkpoint.vocab.eos_id, checkpoint.model_config.max_len,
     )
     with GruserveClient(server.target) as client:
-        for user, item, tokens, rating in zip(users, items, expected, ratings.tolist()):
+        rows = zip(users, items, expected, ratings.tolist(), strict=True)
+        for user, item, tokens, rating in rows:
             reply = client.generate(user=user, item=item)
             assert list(reply.token_ids) == tokens
             assert reply.text == " ".join(checkpoint.vocab.decode(tokens))

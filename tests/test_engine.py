@@ -222,11 +222,11 @@ def test_abort_mid_generation_frees_the_slot_and_leaves_the_others_alone(runner,
             await wait_steps(engine, 1)
             waiting = submit(engine, info, "d", 4, long)
             await wait_steps(engine, 4)
-            assert engine.scheduler.running_slots("victim") is not None
-            assert engine.scheduler.running_slots("d") is None
+            assert engine.scheduler.running_slots(victim.key) is not None
+            assert engine.scheduler.running_slots(waiting.key) is None
             victim.abort()
             aborted = await victim.result()
-            while engine.scheduler.running_slots("d") is None:
+            while engine.scheduler.running_slots(waiting.key) is None:
                 await asyncio.sleep(0.0005)
             others_running = [not h.done for h in handles]
             results = {h.request_id: await h.result() for h in [*handles, waiting]}
@@ -390,3 +390,22 @@ def test_stats_and_observers(runner, info):
     assert stats.num_ttft == 10 and stats.mean_ttft_seconds > 0
     assert stats.mean_batch_size > 1
     assert all(o.queue_s is not None and o.first_token_s >= o.queue_s for o in outputs)
+
+
+def test_two_clients_may_use_the_same_request_id_at_once(runner, info):
+    """The engine keys requests itself: a reused client id neither collides nor mixes results."""
+    params = DecodingParams(min_tokens=10, max_tokens=10)
+
+    async def main():
+        async with started(runner, info) as engine:
+            first = submit(engine, info, "same", 1, params)
+            second = submit(engine, info, "same", 2, params)
+            assert first.key != second.key
+            return await first.result(), await second.result(), await one_at_a_time(
+                engine, info, [("solo1", 1, params, {}), ("solo2", 2, params, {})]
+            )
+
+    first, second, solo = run(main())
+    assert first.request_id == second.request_id == "same"
+    assert first.token_ids == solo["solo1"].token_ids
+    assert second.token_ids == solo["solo2"].token_ids

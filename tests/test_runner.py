@@ -19,7 +19,8 @@ def cuda_works(bundle_dir) -> bool:
     from gruserve.runtime.bundle import load_bundle
 
     try:
-        runner = StepRunner(load_bundle(bundle_dir), num_slots=2, config=SessionConfig(device="cuda"))
+        bundle = load_bundle(bundle_dir)
+        runner = StepRunner(bundle, num_slots=2, config=SessionConfig(device="cuda"))
     except (DeviceError, BundleError):
         return False
     return runner.provider == CUDA
