@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-requests", type=int, default=64,
                    help="most requests in one GenerateBatch call (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = one per core)")
-    p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps as CUDA graphs")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture decode steps as CUDA graphs, one per batch-size bucket "
+                   "(CUDA only; off by default until measured on your GPU)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="metrics bind address (default %(default)s)")

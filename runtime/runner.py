@@ -8,6 +8,7 @@ steps the hidden state never leaves the device; only slot and token ids go in an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import onnxruntime as ort
 
 from .bundle import ENCODER, STATE_WRITER, STEP_GREEDY, STEP_TOPK, Bundle, BundleError, GraphSpec
 from .providers import CUDA, SessionConfig, check_provider, session_options, wanted_providers
+from .step_buckets import BucketedStep
 
 log = logging.getLogger(__name__)
 
@@ -119,19 +121,24 @@ class StepRunner:
         self.bundle = bundle
         self.num_slots = num_slots
         self.config = config
-        self._encoder = _BoundGraph(bundle.graphs[ENCODER], config)
+        # only the step graphs are captured: the encoder and the state writer run with
+        # host inputs of varying batch, which a CUDA graph cannot replay
+        uncaptured = dataclasses.replace(config, cuda_graphs=False)
+        self._encoder = _BoundGraph(bundle.graphs[ENCODER], uncaptured)
         self.provider = self._encoder.provider
         self._greedy = _BoundGraph(bundle.graphs[STEP_GREEDY], config)
         self._topk = (
             _BoundGraph(bundle.graphs[STEP_TOPK], config) if STEP_TOPK in bundle.graphs else None
         )
         self._writer = (
-            _BoundGraph(bundle.graphs[STATE_WRITER], config)
+            _BoundGraph(bundle.graphs[STATE_WRITER], uncaptured)
             if STATE_WRITER in bundle.graphs
             else None
         )
         device = "cuda" if self.provider == CUDA else "cpu"
-        shape = [bundle.num_layers, num_slots, bundle.hidden_size]
+        # bucketed steps pad with rows that read and write one extra, never-owned slot
+        pool_rows = num_slots + 1 if config.cuda_graphs else num_slots
+        shape = [bundle.num_layers, pool_rows, bundle.hidden_size]
         # the pool's dtype is the step graph's (float16 in an fp16 bundle); every graph that
         # binds the pool must agree, or binding one buffer to all of them is wrong
         self.pool_dtype = self._greedy.input_dtype("pool")
@@ -152,9 +159,27 @@ class StepRunner:
             self._topk.bind_pool(self.pool, ("next_token", "topk_logprobs", "topk_ids"))
         if self._writer is not None:
             self._writer.bind_pool(self.pool, ())
+        self._bucketed_greedy = self._bucketed_topk = None
+        if config.cuda_graphs:
+            self._bucketed_greedy = self._bucketed(self._greedy, device, top_k=0)
+            if self._topk is not None:
+                self._bucketed_topk = self._bucketed(self._topk, device, top_k=self.top_k)
+        if config.cuda_graphs and self.provider != CUDA:
+            log.warning("cuda_graphs on %s: steps are padded to buckets, nothing is captured",
+                        self.provider)
         log.info(
             "runner ready: provider %s, %d slots, hidden %d, sampling K=%d",
             self.provider, num_slots, bundle.hidden_size, self.top_k,
+        )
+
+    def _bucketed(self, graph: _BoundGraph, device: str, top_k: int) -> BucketedStep:
+        outputs = [("next_token", (), np.int64)]
+        if top_k:
+            outputs += [("topk_logprobs", (top_k,), np.float32), ("topk_ids", (top_k,), np.int64)]
+        return BucketedStep(
+            graph.session, graph.names, self.pool,
+            scratch_slot=self.num_slots, max_rows=self.num_slots, outputs=tuple(outputs),
+            device=device, device_id=self.config.device_id, capture=self.provider == CUDA,
         )
 
     @property
@@ -196,9 +221,9 @@ class StepRunner:
         if want_topk:
             if self._topk is None:
                 raise BundleError(f"{self.bundle.path}: bundle has no sampling graph")
-            nxt, logprobs, ids = self._topk.run(inputs)
+            nxt, logprobs, ids = (self._bucketed_topk or self._topk).run(inputs)
             return StepOutput(nxt, logprobs, ids)
-        (nxt,) = self._greedy.run(inputs)
+        (nxt,) = (self._bucketed_greedy or self._greedy).run(inputs)
         return StepOutput(nxt)
 
     def read_states(self, slots: np.ndarray) -> np.ndarray:
