@@ -4,14 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup serve test lint proto bench bench-engine clean help
+.PHONY: setup serve test lint proto bench clean help
 
 help:
 	@echo "make serve   set up $(VENV) and serve the demo model on 127.0.0.1:50051"
 	@echo "make test    set up $(VENV) and run the test suite"
 	@echo "make lint    ruff"
 	@echo "make proto   regenerate the protobuf code from protos/"
-	@echo "make bench   run the CPU benchmarks (minutes)"
+	@echo "make bench   run the CPU benchmarks (about 15 minutes; see BENCHMARKS.md)"
 
 # torch is installed first, pinned, so pip takes the local CPU wheel and never a CUDA build
 $(STAMP): pyproject.toml
@@ -40,6 +40,8 @@ proto: setup
 bench: setup
 	$(BIN)/python bench/graphs.py
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/train_demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

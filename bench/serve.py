@@ -15,8 +15,10 @@ the server: on a 2-core machine its cost is part of every figure.
 Each server gets a closed loop at concurrency 1, 16, 64, 256, then an open-loop (Poisson)
 sweep at fractions of its saturating rate (its best closed-loop throughput). The model is an
 untrained NRT at the reference sizes (vocab 20004, emb 300, hidden 400, 15 words) written to a
-temporary directory; every request is forced to 15 tokens (min_tokens = max_tokens = 15) so
-an early <eos> cannot skew the comparison. Needs the export extra (torch, onnx).
+temporary directory, with the decoder's <eos> output bias set to -1e4 (as bench/engine.py
+does): no server ever picks <eos>, so every request yields exactly max_tokens = 15 tokens on
+the cheap greedy graph. `--min-tokens` forces the length with min_tokens instead, which puts
+every step on the TopK graph. Needs the export extra (torch, onnx).
 """
 
 from __future__ import annotations
@@ -100,10 +102,14 @@ def build_reference_model(out: Path, num_users: int, num_items: int, seed: int =
     torch.manual_seed(seed)
     config = ModelConfig(num_users=num_users, num_items=num_items, **REFERENCE)
     words = SPECIAL_TOKENS + tuple(f"w{i}" for i in range(config.ntoken - len(SPECIAL_TOKENS)))
+    vocab = Vocabulary(words)
+    model = NRT(config)
+    with torch.no_grad():
+        model.decoder.linear.bias[vocab.eos_id] = -1e4  # see the module docstring
     checkpoint = Checkpoint(
         model_config=config,
-        state_dict=NRT(config).state_dict(),
-        vocab=Vocabulary(words),
+        state_dict=model.state_dict(),
+        vocab=vocab,
         users=EntityIndex([f"u{i}" for i in range(num_users)]),
         items=EntityIndex([f"i{i}" for i in range(num_items)]),
     )
@@ -241,7 +247,7 @@ class Target:
 def run_point(target: Target, shape: LoadShape, fraction, users, items, args) -> Point:
     config = LoadTestConfig(
         connection=Connection(target.address), shape=shape, users=users, items=items,
-        decoding=dict(max_tokens=NUM_TOKENS, min_tokens=0 if args.no_min_tokens else NUM_TOKENS),
+        decoding=dict(max_tokens=NUM_TOKENS, min_tokens=NUM_TOKENS if args.min_tokens else 0),
         timeout_s=args.timeout,
         metrics_url=f"127.0.0.1:{target.metrics_port}" if target.metrics_port else None,
     )
@@ -492,16 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-entities", type=int, default=1000, help="users and items each")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-RPC deadline, s")
     parser.add_argument("--keep", action="store_true", help="keep the temporary model dir")
-    parser.add_argument("--no-min-tokens", action="store_true",
-                        help="send max_tokens only (no min_tokens): greedy rows stay on the "
-                        "ArgMax graph; an untrained model rarely emits <eos>, and tokens/request "
-                        "in the JSON shows whether it did")
+    parser.add_argument("--min-tokens", action="store_true",
+                        help="also send min_tokens = max_tokens (every step then runs the TopK "
+                        "graph); by default the model's <eos> bias alone fixes the length")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     meta = machine_meta(args)
     meta["lengths"] = (
-        f"max_tokens = {NUM_TOKENS}, no min_tokens" if args.no_min_tokens
-        else f"min_tokens = max_tokens = {NUM_TOKENS}"
+        f"min_tokens = max_tokens = {NUM_TOKENS}" if args.min_tokens
+        else f"max_tokens = {NUM_TOKENS}, <eos> bias -1e4 (no early stop)"
     )
     work = Path(tempfile.mkdtemp(prefix="gruserve-bench-"))
     started = time.monotonic()
