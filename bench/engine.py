@@ -32,7 +32,6 @@ import datetime as dt
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model  # bench/machine.py (scripts run from bench/)
 
 BATCHES = (1, 64, 256)
 # engine rows: the three sizes, and more clients than slots (a queue that never empties)
@@ -58,17 +58,6 @@ class Row:
     mean_batch: float | None = None
     note: str = ""
     cpu_tokens_per_s: float = 0.0  # tokens per CPU-second of this process (all threads)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_bundle(out_dir: Path, seed: int = 0):

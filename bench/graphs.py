@@ -32,7 +32,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from machine import cpu_model  # bench/machine.py (scripts run from bench/)
 from onnx import TensorProto, helper, numpy_helper
 
 from gruserve.export import onnx_graphs as og
@@ -56,17 +56,6 @@ from gruserve.runtime.runner import StepRunner
 RESULTS = Path(__file__).resolve().parent / "results" / "graphs.md"
 REFERENCE = dict(ntoken=20004, emsize=300, hidden_size=400, num_users=1000, num_items=1000)
 WARMUP = 5
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def reference_checkpoint(seed: int = 0) -> Checkpoint:

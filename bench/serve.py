@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+
 from gruserve.runtime.client import Connection, GruserveClient
 from gruserve.runtime.loadtest import (
     LoadShape,
@@ -469,11 +471,7 @@ def machine_meta(args) -> dict:
     import onnxruntime
     import torch
 
-    cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        listing = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        match = re.search(r"^Model name:\s*(.+)$", listing, re.M)
-        cpu = match.group(1).strip() if match else cpu
+    cpu = cpu_model()
     return {
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "cpu": cpu, "cores": os.cpu_count(),

@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model  # bench/machine.py (scripts run from bench/)
 
 from gruserve.export.checkpoint import load_checkpoint
 from gruserve.export.demo import DEMO_SPEC, DEMO_TRAIN, build_demo_checkpoint
@@ -39,17 +39,6 @@ from gruserve.export.synthetic import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_demo.md"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def machine(train_threads: int) -> str:
