@@ -180,7 +180,7 @@ class GruServer:
                 await self._warm_up()
         except BaseException:
             await server.stop(None)
-            self.engine.stop()
+            await asyncio.to_thread(self.engine.stop)
             self.metrics.close()
             raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -242,7 +242,8 @@ class GruServer:
             # new RPCs are refused at once; in-flight ones get `grace` seconds, then are
             # cancelled (which aborts their engine requests)
             await self._server.stop(grace)
-        self.engine.stop()
+        # joining the decode thread may wait for a running step: off the event loop
+        await asyncio.to_thread(self.engine.stop)
         self.metrics.close()
         log.info("stopped")
 
