@@ -97,7 +97,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     _need_export_extra()
     from .checkpoint import load_checkpoint
-    from .evaluate import evaluate, write_eval_outputs
+    from .evaluate import evaluate, format_metrics, write_eval_outputs
     from .train import load_training_corpus
 
     checkpoint = load_checkpoint(Path(args.checkpoint))
@@ -109,7 +109,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         write_eval_outputs(report, Path(args.out))
         print(f"metrics and pairs written to {args.out}", file=sys.stderr)
-    print(json.dumps(report.to_dict()["metrics"], indent=2))
+    if args.json:
+        print(json.dumps(report.to_dict()["metrics"], indent=2))
+    else:
+        print(format_metrics(report))
     return 0
 
 
@@ -199,4 +202,5 @@ def add_export_commands(sub) -> None:
     p.add_argument("--max-tokens", type=int, help="generated words per tip (default: max_len)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", help="directory for metrics.json and the reference/generated pairs")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=_cmd_evaluate)

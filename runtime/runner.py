@@ -75,7 +75,6 @@ class _BoundGraph:
         check_io(self.session, spec)
         self.names = spec.bindings
         self.binding = self.session.io_binding()
-        self.output_device = "cuda" if self.provider == CUDA else "cpu"
 
     def input_dtype(self, role: str) -> np.dtype:
         """The numpy dtype the manifest gives the input bound to `role` (e.g. the pool)."""

@@ -58,3 +58,20 @@ def test_serve_refuses_a_directory_that_is_no_bundle(tmp_path):
     assert result.returncode == 2
     assert "manifest.json" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_evaluate_prints_a_table_or_json(tiny_checkpoint, tmp_path, capsys):
+    from gruserve.export.synthetic import SyntheticSpec, write_synthetic_corpus
+
+    from .conftest import TINY_SPEC
+
+    write_synthetic_corpus(tmp_path / "data", SyntheticSpec(**TINY_SPEC))
+    _, checkpoint_path = tiny_checkpoint
+    args = ["evaluate", str(checkpoint_path), "--data", str(tmp_path / "data")]
+    assert main([*args, "--out", str(tmp_path / "eval")]) == 0
+    table = capsys.readouterr().out
+    assert "perplexity" in table and not table.lstrip().startswith("{")
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+    assert main([*args, "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 <= metrics["fmr"] <= 1 and metrics["perplexity"] > 1
