@@ -29,6 +29,8 @@ from gruserve.runtime.runner import StepRunner  # noqa: E402
 from gruserve.runtime.sampler import SamplingParams  # noqa: E402
 from gruserve.runtime.scheduler import SchedulerConfig  # noqa: E402
 
+from .serving import StepGate  # noqa: E402
+
 TIMEOUT_S = 60  # a bound so that no test loops forever, never a performance assertion
 NUM_SLOTS = 16
 
@@ -216,19 +218,26 @@ def test_abort_mid_generation_frees_the_slot_and_leaves_the_others_alone(runner,
             )
             victim_solo = await one_at_a_time(engine, info, [("victim", 5, long, {})])
         # 4 slots in use at most: the victim and three others fill them, "d" has to wait
+        # the gate lets steps run one counted batch at a time, so no request can finish
+        # behind the test's back however slow the machine is
         async with started(runner, info, max_batch_size=4) as engine:
-            victim = submit(engine, info, "victim", 5, long)
-            handles = [submit(engine, info, rid, i, p) for rid, i, p in others]
-            await wait_steps(engine, 1)
-            waiting = submit(engine, info, "d", 4, long)
-            await wait_steps(engine, 4)
-            assert engine.scheduler.running_slots(victim.key) is not None
-            assert engine.scheduler.running_slots(waiting.key) is None
-            victim.abort()
-            aborted = await victim.result()
-            while engine.scheduler.running_slots(waiting.key) is None:
-                await asyncio.sleep(0.0005)
-            others_running = [not h.done for h in handles]
+            with StepGate(engine) as gate:
+                victim = submit(engine, info, "victim", 5, long)
+                handles = [submit(engine, info, rid, i, p) for rid, i, p in others]
+                gate.allow(1)
+                gate.wait_blocked(2)
+                waiting = submit(engine, info, "d", 4, long)
+                gate.allow(3)
+                gate.wait_blocked(5)
+                assert engine.scheduler.running_slots(victim.key) is not None
+                assert engine.scheduler.running_slots(waiting.key) is None
+                victim.abort()
+                # the held step finishes; the next one applies the abort and admits "d"
+                gate.allow(2)
+                gate.wait_blocked(7)
+                aborted = await victim.result()
+                assert engine.scheduler.running_slots(waiting.key) is not None
+                others_running = [not h.done for h in handles]
             results = {h.request_id: await h.result() for h in [*handles, waiting]}
             return solo, victim_solo, aborted, others_running, results
 
@@ -357,12 +366,15 @@ def test_stop_fails_unfinished_requests(runner, info):
     async def main():
         engine = Engine(runner, info, SchedulerConfig(num_slots=NUM_SLOTS, max_tokens=48))
         engine.start()
-        handle = submit(engine, info, "r", 0, DecodingParams(min_tokens=48, max_tokens=48))
-        await wait_steps(engine, 1)
-        engine.stop()
+        # the gate holds the first step, so the request cannot finish before stop() lands
+        with StepGate(engine) as gate:
+            handle = submit(engine, info, "r", 0, DecodingParams(min_tokens=48, max_tokens=48))
+            gate.wait_blocked(1)
+            engine.stop(timeout=0)  # asks the loop to stop without waiting for it
         with pytest.raises(RequestAbortedError):
             await handle.result()
         assert not engine.healthy
+        engine.stop()
 
     run(main())
 

@@ -9,6 +9,7 @@ import itertools
 import json
 import random
 import statistics
+import time
 
 import pytest
 
@@ -251,9 +252,22 @@ def test_warmup_requests_reach_the_server_but_not_the_figures(server, entities):
 def test_streaming_reports_ttft_and_inter_token_gaps(server, entities):
     users, items = entities
     shape = LoadShape(concurrency=3, num_requests=12, warmup=Warmup())
-    result = asyncio.run(
-        run_loadtest(_config(server, shape, stream=True, users=users, items=items))
-    )
+    # slow steps: tokens then arrive one message each, instead of being coalesced into one
+    # chunk when a busy machine delays the client (which leaves no gap to measure)
+    runner = server.engine.runner
+    real_step = runner.step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.02)
+        return real_step(*args, **kwargs)
+
+    runner.step = slow_step
+    try:
+        result = asyncio.run(
+            run_loadtest(_config(server, shape, stream=True, users=users, items=items))
+        )
+    finally:
+        runner.step = real_step
     assert result.num_succeeded == 12 and result.num_tokens == 12 * 5
     assert result.ttft_source == "client" and result.ttft.count == 12
     assert result.itl is not None and result.itl.count >= 12
