@@ -142,14 +142,15 @@ def bench_raw(runner, bos: int, batch: int, seconds: float) -> Row:
 
 
 async def _engine_run(runner, info, concurrency: int, warmup_s: float, seconds: float):
+    from gruserve.runtime.config import SchedulerConfig
+    from gruserve.runtime.core import EngineCore
     from gruserve.runtime.engine import Engine
     from gruserve.runtime.requests import DecodingParams
-    from gruserve.runtime.scheduler import SchedulerConfig
 
-    engine = Engine(
+    engine = Engine(EngineCore(
         runner, info,
         SchedulerConfig(num_slots=runner.num_slots, max_tokens=NUM_WORDS, max_queued=4096),
-    )
+    ))
     engine.start()
     params = DecodingParams(max_tokens=NUM_WORDS)
     users, items = list(info.users), list(info.items)
@@ -358,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from gruserve.runtime.bundle import load_bundle
-    from gruserve.runtime.engine import ModelInfo
+    from gruserve.runtime.bundle import ModelInfo, load_bundle
     from gruserve.runtime.providers import SessionConfig
     from gruserve.runtime.runner import StepRunner
 

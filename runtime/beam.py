@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .requests import FinishReason
+from .sampler import ending_tokens, suppress_token
 
 
 @dataclass
@@ -84,11 +85,11 @@ class BeamGroup:
             raise ValueError(f"expected candidates of {self.num_live} beams, got {num_live}")
         length = self.num_generated
         logprobs = topk_logprobs.astype(np.float64)
-        terminal = topk_ids == self.eos_id
-        if self.stop_ids.size:
-            terminal |= np.isin(topk_ids, self.stop_ids)
+        terminal = ending_tokens(topk_ids, self.eos_id, self.stop_ids)
         if length < self.min_tokens:
-            logprobs = np.where(terminal, -np.inf, logprobs)
+            logprobs = suppress_token(
+                logprobs, topk_ids, self.eos_id, np.ones(num_live, bool), self.stop_ids
+            )
         flat = (self.scores[:, None] + logprobs).ravel()  # (num_live * K,)
         order = np.argsort(-flat, kind="stable")  # ties: lower beam, then lower column
         terminal_flat = terminal.ravel()

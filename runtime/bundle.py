@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +265,43 @@ def load_bundle(path: str | Path) -> Bundle:
         special_ids=special_ids,
         pool_dtype=pool_dtype,
     )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the serving layers need to know of a bundle's model: vocabulary, entities,
+    special ids and sizes (no graphs)."""
+
+    name: str
+    vocab: tuple[str, ...]
+    users: dict[str, int]
+    items: dict[str, int]
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int
+    hidden_size: int
+    num_layers: int
+    model_config: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> ModelInfo:
+        ids = bundle.special_ids
+        return cls(
+            name=bundle.name,
+            vocab=bundle.vocab,
+            users={u: i for i, u in enumerate(bundle.users)},
+            items={it: i for i, it in enumerate(bundle.items)},
+            bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], unk_id=ids["unk"],
+            hidden_size=bundle.hidden_size,
+            num_layers=bundle.num_layers,
+            model_config=dict(bundle.model_config),
+        )
+
+    @property
+    def max_len(self) -> int:
+        """The model's tip length: the default max_tokens."""
+        return int(self.model_config.get("max_len", 15))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return " ".join(self.vocab[t] for t in token_ids)

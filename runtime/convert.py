@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from gruserve.v1 import gruserve_pb2 as pb
 
-from .engine import Engine, ModelInfo
+from .bundle import ModelInfo
+from .config import ServiceConfig
+from .engine import Engine
 from .errors import InvalidRequestError
 from .requests import DecodingParams, FinishReason, Request, RequestOutput, Strategy
 from .sampler import SamplingParams
@@ -24,19 +24,14 @@ _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
 }
-MAX_REQUEST_ID_LEN = 128
 DEFAULT_NUM_BEAMS = 4
-# the fields of DecodingParameters: an error on one of them is reported as parameters.<name>
-_PARAM_FIELDS = frozenset(f.name for f in pb.DecodingParameters.DESCRIPTOR.fields)
 
 
 def decoding_params(p: pb.DecodingParameters) -> DecodingParams:
-    """Proto defaults (0) become the documented defaults; range checks happen in the engine."""
+    """Proto defaults (0) become the documented defaults; every check is the
+    RequestBuilder's."""
     if p.strategy not in _STRATEGIES:
         raise InvalidRequestError("parameters.strategy", f"unknown value {p.strategy}")
-    for name in ("temperature", "top_p", "length_penalty"):
-        if not math.isfinite(getattr(p, name)):
-            raise InvalidRequestError(f"parameters.{name}", "must be finite")
     return DecodingParams(
         strategy=_STRATEGIES[p.strategy],
         max_tokens=p.max_tokens,
@@ -55,24 +50,7 @@ def decoding_params(p: pb.DecodingParameters) -> DecodingParams:
 
 
 def engine_request(engine: Engine, message: pb.GenerateRequest, *, stream: bool) -> Request:
-    """Validates a GenerateRequest into an engine Request; raises InvalidRequest/NotFound."""
-    try:
-        return _engine_request(engine, message, stream)
-    except InvalidRequestError as exc:
-        if exc.field in _PARAM_FIELDS:  # the engine names a parameter by its bare name
-            raise InvalidRequestError(
-                f"parameters.{exc.field}", str(exc).split(": ", 1)[-1]
-            ) from None
-        raise
-
-
-def _engine_request(engine: Engine, message: pb.GenerateRequest, stream: bool) -> Request:
-    request_id = message.request_id
-    # the id goes into logs and error details: bounded and printable (no forged log lines)
-    if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
-        raise InvalidRequestError(
-            "request_id", f"at most {MAX_REQUEST_ID_LEN} printable characters"
-        )
+    """A GenerateRequest as a validated engine Request; raises InvalidRequest/NotFound."""
     params = decoding_params(message.parameters)
     which = message.WhichOneof("conditioning")
     if which == "user_item":
@@ -132,10 +110,8 @@ def stream_response(
     return message
 
 
-def model_info(
-    engine: Engine, *, provider: str, precision: str, max_batch_requests: int,
-    max_request_bytes: int = 0,
-) -> pb.GetModelInfoResponse:
+def model_info(engine: Engine, *, provider: str, precision: str,
+               service: ServiceConfig) -> pb.GetModelInfoResponse:
     info, cfg, limits = engine.info, engine.info.model_config, engine.limits
     return pb.GetModelInfoResponse(
         model_name=info.name,
@@ -156,11 +132,11 @@ def model_info(
         max_slots=engine.config.num_slots,
         max_queued=engine.config.max_queued,
         sampling_top_k=limits.sampling_top_k,
-        max_batch_requests=max_batch_requests,
+        max_batch_requests=service.max_batch_requests,
         precision=precision,
         max_tokens=limits.max_tokens,
-        max_beams=min(limits.max_beams, limits.sampling_top_k),
+        max_beams=limits.max_beams,
         max_stop_tokens=limits.max_stop_tokens,
         accepts_hidden_state=bool(engine.runner.can_write_states),
-        max_request_bytes=max_request_bytes,
+        max_request_bytes=service.max_message_bytes,
     )

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import _add_connection_args, _add_decoding_args, connection_from_args
+from .cli_args import add_connection_args, add_decoding_args, connection_from_args
 from .loadtest import (
     METRICS,
     LoadShape,
@@ -79,8 +79,8 @@ def add_loadtest_command(subparsers) -> None:
     mix.add_argument("--entities",
                      help="bundle directory or entities.json: uniform random (user, item) pairs; "
                      "without --pairs or --entities, random raw hidden states are sent")
-    _add_decoding_args(p)
-    _add_connection_args(p)
+    add_decoding_args(p)
+    add_connection_args(p)
 
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", help="write the full result as JSON ('-': stdout)")

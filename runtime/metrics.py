@@ -10,8 +10,8 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .engine import StepStats
 from .requests import RequestOutput
+from .stats import StepStats
 
 log = logging.getLogger(__name__)
 

@@ -8,29 +8,20 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
 
 import onnxruntime as ort
+
+from .config import DEVICES, SessionConfig
 
 log = logging.getLogger(__name__)
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-DEVICES = ("auto", "cpu", "cuda")
+__all__ = ["CPU", "CUDA", "DEVICES", "DeviceError", "SessionConfig", "check_provider",
+           "session_options", "wanted_providers"]
 
 
 class DeviceError(RuntimeError):
     """The requested device cannot be used; the message says why."""
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    device: str = "auto"
-    device_id: int = 0
-    # 0 lets ORT pick (one per physical core); several sessions run one after another in the
-    # decode thread, so they share the cores rather than multiply threads
-    intra_op_threads: int = 0
-    # capture the step as CUDA graphs (CUDA only; off until measured on the target machine)
-    cuda_graphs: bool = False
 
 
 _cuda_dlls_loaded = False

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InvalidRequestError
+from .config import SchedulerConfig
 from .sampler import SamplingParams
-
-MAX_ABS_LENGTH_PENALTY = 10.0
 
 
 class Strategy(enum.Enum):
@@ -45,73 +43,30 @@ class DecodingParams:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; the engine's configuration fills it."""
+    """What one request may ask for. Computed once, by `Limits.of`, from the scheduler's
+    configuration and what the bundle can do; validation and GetModelInfo both read it."""
 
     vocab_size: int
     max_tokens: int  # the ceiling for DecodingParams.max_tokens
     default_max_tokens: int
     sampling_top_k: int  # K of the sampling graph, 0 if none
+    # the effective ceiling for num_beams: a beam takes a slot, and its candidates come
+    # from the TopK graph, so it is also bounded by the batch limit and by K
     max_beams: int
     max_stop_tokens: int = 16
 
-
-def validate_params(params: DecodingParams, limits: Limits) -> DecodingParams:
-    """Checks every field against the limits; returns params with defaults resolved.
-
-    Raises InvalidRequestError naming the offending field.
-    """
-    max_tokens = params.max_tokens or limits.default_max_tokens
-    if not 0 < max_tokens <= limits.max_tokens:
-        raise InvalidRequestError(
-            "max_tokens", f"must be in 1..{limits.max_tokens}, got {max_tokens}"
+    @classmethod
+    def of(
+        cls, config: SchedulerConfig, *, vocab_size: int, model_max_len: int, sampling_top_k: int
+    ) -> Limits:
+        return cls(
+            vocab_size=vocab_size,
+            max_tokens=config.max_tokens,
+            default_max_tokens=min(model_max_len, config.max_tokens),
+            sampling_top_k=sampling_top_k,
+            max_beams=min(config.max_beams, config.batch_limit, sampling_top_k),
+            max_stop_tokens=config.max_stop_tokens,
         )
-    if not 0 <= params.min_tokens <= max_tokens:
-        raise InvalidRequestError(
-            "min_tokens", f"must be in 0..max_tokens ({max_tokens}), got {params.min_tokens}"
-        )
-    if len(params.stop_token_ids) > limits.max_stop_tokens:
-        raise InvalidRequestError("stop_token_ids", f"at most {limits.max_stop_tokens} ids")
-    for token in params.stop_token_ids:
-        if not 0 <= token < limits.vocab_size:
-            raise InvalidRequestError(
-                "stop_token_ids", f"{token} is outside the vocabulary (0..{limits.vocab_size - 1})"
-            )
-    needs_candidates = params.strategy in (Strategy.SAMPLE, Strategy.BEAM) or params.return_logprobs
-    needs_candidates = needs_candidates or params.min_tokens > 0
-    if needs_candidates and limits.sampling_top_k == 0:
-        raise InvalidRequestError(
-            "parameters", "this bundle has no sampling graph (sampling, beam, logprobs, min_tokens)"
-        )
-    if params.strategy is Strategy.SAMPLE:
-        try:
-            params.sampling.validate(limits.sampling_top_k)
-        except ValueError as exc:
-            field_name = str(exc).split(" ", 1)[0].rstrip(":")
-            raise InvalidRequestError(field_name, str(exc)) from None
-    if params.strategy is Strategy.BEAM:
-        max_beams = min(limits.max_beams, limits.sampling_top_k)
-        if not 1 <= params.num_beams <= max_beams:
-            raise InvalidRequestError(
-                "num_beams", f"must be in 1..{max_beams}, got {params.num_beams}"
-            )
-        # score / length ** length_penalty: a finite but huge exponent overflows or divides
-        # by zero inside the decode loop (seen killing it); sensible values lie well inside
-        if not abs(params.length_penalty) <= MAX_ABS_LENGTH_PENALTY:
-            raise InvalidRequestError(
-                "length_penalty",
-                f"must be in [-{MAX_ABS_LENGTH_PENALTY:g}, {MAX_ABS_LENGTH_PENALTY:g}], "
-                f"got {params.length_penalty:g}",
-            )
-    return DecodingParams(
-        strategy=params.strategy,
-        max_tokens=max_tokens,
-        min_tokens=params.min_tokens,
-        sampling=params.sampling,
-        num_beams=params.num_beams if params.strategy is Strategy.BEAM else 1,
-        length_penalty=params.length_penalty,
-        stop_token_ids=tuple(int(t) for t in params.stop_token_ids),
-        return_logprobs=params.return_logprobs,
-    )
 
 
 @dataclass

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
 from .bundle import ENCODER, STATE_WRITER, STEP_GREEDY, STEP_TOPK, Bundle, BundleError, GraphSpec
+from .model_runner import StepOutput
 from .providers import CUDA, SessionConfig, check_provider, session_options, wanted_providers
 from .step_buckets import BucketedStep
 
@@ -24,11 +24,7 @@ log = logging.getLogger(__name__)
 _ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "float16": "tensor(float16)"}
 
 
-@dataclass(frozen=True)
-class StepOutput:
-    next_tokens: np.ndarray  # (B,) int64, the greedy choice
-    topk_logprobs: np.ndarray | None = None  # (B, K) float32, sampling graph only
-    topk_ids: np.ndarray | None = None  # (B, K) int64
+__all__ = ["StepOutput", "StepRunner", "check_io"]
 
 
 def _dims(shape) -> tuple:
@@ -106,13 +102,14 @@ class _BoundGraph:
 
 
 class StepRunner:
-    """Runs encoder and step graphs against a device-resident slot pool.
+    """Runs encoder and step graphs against a device-resident slot pool: the ModelRunner
+    (gruserve.runtime.model_runner) of ONNX Runtime.
 
     Batch-shaped everywhere: every call takes arrays of slots, never one request.
     """
 
     def __init__(
-        self, bundle: Bundle, num_slots: int = 256, config: SessionConfig | None = None
+        self, bundle: Bundle, *, num_slots: int, config: SessionConfig | None = None
     ) -> None:
         config = config or SessionConfig()
         if num_slots <= 0:

@@ -28,9 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InvalidRequestError
+
 __all__ = [
     "GREEDY_TEMPERATURE",
     "SamplingParams",
+    "ending_tokens",
     "sample_from_candidates",
     "suppress_token",
     "uniform_from_counter",
@@ -106,14 +109,46 @@ def uniform_from_counter(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
     return (x >> _S11).astype(np.float64) * _TWO_POW_M53
 
 
-def suppress_token(
-    topk_logprobs: np.ndarray, topk_ids: np.ndarray, token_id: int, rows: np.ndarray
+def ending_tokens(
+    token_ids: np.ndarray, eos_id: int | np.ndarray, stop_ids: np.ndarray | None = None
 ) -> np.ndarray:
-    """Return a copy of ``topk_logprobs`` with ``token_id`` set to -inf in the selected rows.
+    """Which of `token_ids` would end a text: `eos_id`, or one of the stop ids.
 
-    ``rows`` is a bool mask of shape (B,). Used e.g. to forbid ``<eos>`` before a request
-    reaches its ``min_tokens``. The input is not modified. A suppressed candidate is removed
-    before top-k is applied (top_k counts the remaining candidates), like a -inf logit.
+    ``token_ids`` is (B,) (the chosen tokens) or (B, K) (candidates). ``stop_ids`` is None,
+    (M,) (the same for every row) or (B, M) (per row, padded with -1, which no token is).
+    Returns a bool array shaped like ``token_ids``. The one definition of "an ending token",
+    for stop checks, <eos>/stop suppression and beam search alike.
+    """
+    ids = np.asarray(token_ids)
+    ends = ids == eos_id
+    if stop_ids is None:
+        return ends
+    stop = np.asarray(stop_ids)
+    if not stop.size:
+        return ends
+    if stop.ndim == 1:
+        return ends | np.isin(ids, stop)
+    if stop.shape[0] != ids.shape[0]:
+        raise ValueError(f"stop_ids must have {ids.shape[0]} rows, got {stop.shape}")
+    if ids.ndim == 1:
+        return ends | (ids[:, None] == stop).any(axis=1)
+    return ends | (ids[:, :, None] == stop[:, None, :]).any(axis=2)
+
+
+def suppress_token(
+    topk_logprobs: np.ndarray,
+    topk_ids: np.ndarray,
+    token_id: int,
+    rows: np.ndarray,
+    stop_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """Return a copy of ``topk_logprobs`` with ``token_id`` (and the rows' ``stop_ids``, see
+    :func:`ending_tokens`) set to -inf in the selected rows.
+
+    ``rows`` is a bool mask of shape (B,). This is how <eos> and stop ids are forbidden
+    before a request reaches its ``min_tokens``. The input is not modified. A suppressed
+    candidate is removed before top-k is applied (top_k counts the remaining candidates),
+    like a -inf logit.
     """
     lp = np.asarray(topk_logprobs)
     ids = np.asarray(topk_ids)
@@ -124,9 +159,8 @@ def suppress_token(
         )
     if mask_rows.shape != (lp.shape[0],):
         raise ValueError(f"rows must have shape ({lp.shape[0]},), got {mask_rows.shape}")
-    out = lp.copy()
-    out[mask_rows[:, None] & (ids == token_id)] = -np.inf
-    return out
+    banned = mask_rows[:, None] & ending_tokens(ids, token_id, stop_ids)
+    return np.where(banned, np.asarray(-np.inf, lp.dtype), lp)
 
 
 def _row_param(value: np.ndarray, batch: int, name: str, dtype: type) -> np.ndarray:
@@ -267,28 +301,29 @@ class SamplingParams:
         return self.temperature <= GREEDY_TEMPERATURE
 
     def validate(self, max_k: int) -> None:
-        """Raise ValueError naming the offending field. ``max_k`` is the graph's K."""
+        """Raise InvalidRequestError (a ValueError) naming the offending field. ``max_k`` is
+        the graph's K."""
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, numbers.Real):
-            raise ValueError(f"temperature must be a number, got {t!r}")
+            raise InvalidRequestError("temperature", f"must be a number, got {t!r}")
         if not math.isfinite(float(t)) or float(t) <= 0.0:
-            raise ValueError(f"temperature must be finite and > 0, got {t!r}")
+            raise InvalidRequestError("temperature", f"must be finite and > 0, got {t!r}")
 
         k = self.top_k
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise ValueError(f"top_k must be an integer, got {k!r}")
+            raise InvalidRequestError("top_k", f"must be an integer, got {k!r}")
         if k < 0 or k > max_k:
-            raise ValueError(f"top_k must be in [0, {max_k}] (0 = all), got {k!r}")
+            raise InvalidRequestError("top_k", f"must be in [0, {max_k}] (0 = all), got {k!r}")
 
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, numbers.Real):
-            raise ValueError(f"top_p must be a number, got {p!r}")
+            raise InvalidRequestError("top_p", f"must be a number, got {p!r}")
         if not (0.0 < float(p) <= 1.0):  # also rejects NaN
-            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+            raise InvalidRequestError("top_p", f"must be in (0, 1], got {p!r}")
 
         s = self.seed
         if s is not None:
             if isinstance(s, bool) or not isinstance(s, numbers.Integral):
-                raise ValueError(f"seed must be an integer or None, got {s!r}")
+                raise InvalidRequestError("seed", f"must be an integer or None, got {s!r}")
             if not 0 <= int(s) <= _UINT64_MAX:
-                raise ValueError(f"seed must be in [0, 2**64), got {s!r}")
+                raise InvalidRequestError("seed", f"must be in [0, 2**64), got {s!r}")

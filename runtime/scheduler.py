@@ -1,12 +1,12 @@
-"""The scheduler: admission, slots, stop conditions, aborts. Pure Python + numpy, no ORT.
+"""The scheduler: admission, stop conditions, aborts. Pure Python + numpy, no ORT.
 
 Requests wait in a bounded FIFO queue and are admitted into free slots at step boundaries
 (continuous batching): every step runs all live slots together, new requests join the next
-step, finished ones leave at once. Per-slot state lives in numpy arrays indexed by slot, so
+step, finished ones leave at once. Per-slot state lives in the SlotTable's numpy arrays, so
 a step's bookkeeping is a handful of vectorized operations however many requests run; Python
 loops touch only requests that are admitted, finish, stream, or search beams.
 
-One step:  plan = schedule()  ->  runner.encode / write_states / step  ->  update(plan, ...)
+One step (EngineCore.step):  plan = schedule()  ->  the runner  ->  update(plan, ...)
 """
 
 from __future__ import annotations
@@ -18,40 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .beam import BeamGroup
+from .config import SchedulerConfig
 from .errors import InvalidRequestError, QueueFullError
+from .model_runner import StepOutput
 from .requests import FinishReason, Request, RequestOutput, Strategy
-from .sampler import sample_from_candidates, uniform_from_counter
+from .sampler import ending_tokens, sample_from_candidates, suppress_token, uniform_from_counter
+from .slot_table import BEAM_IDLE, BEAM_LIVE, GREEDY, SAMPLE, SlotTable
 
-# slot modes
-_FREE, _GREEDY, _SAMPLE, _BEAM_LIVE, _BEAM_IDLE = 0, 1, 2, 3, 4
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    # decode slots in the device state pool (a beam request takes num_beams of them)
-    num_slots: int = 256
-    # slots in use at once, i.e. the most rows one step runs; 0 = num_slots
-    max_batch_size: int = 0
-    # requests waiting for a slot before new ones are refused with QueueFullError
-    max_queued: int = 1024
-    # new requests encoded per step: bounds the extra latency a burst adds to running ones
-    max_admit_per_step: int = 256
-    # the longest request: sizes the per-slot token buffers
-    max_tokens: int = 64
-    max_stop_tokens: int = 16
-
-    def __post_init__(self) -> None:
-        for name in ("num_slots", "max_queued", "max_admit_per_step", "max_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"SchedulerConfig.{name} must be positive")
-        if not 0 <= self.max_batch_size <= self.num_slots:
-            raise ValueError("SchedulerConfig.max_batch_size must be in 0..num_slots")
-        if self.max_stop_tokens < 0:
-            raise ValueError("SchedulerConfig.max_stop_tokens must be >= 0")
-
-    @property
-    def batch_limit(self) -> int:
-        return self.max_batch_size or self.num_slots
+__all__ = ["EncodeBatch", "Scheduler", "SchedulerConfig", "StepBatch", "StepPlan"]
 
 
 @dataclass(frozen=True)
@@ -106,31 +80,10 @@ class Scheduler:
         self.config = config
         self.bos_id, self.eos_id = bos_id, eos_id
         self._clock = clock
-        S, T = config.num_slots, config.max_tokens
+        self.slots = SlotTable(config.num_slots, config.max_tokens, config.max_stop_tokens)
         self._waiting: collections.deque[Request] = collections.deque()
         self._known: dict[str, Request] = {}  # waiting or running, by id
         self._running: dict[str, _Running] = {}
-        self._free = list(range(S - 1, -1, -1))  # a stack: low slots first
-        self._owner: list[_Running | None] = [None] * S
-        self._mode = np.zeros(S, np.int8)
-        self._token = np.zeros(S, np.int64)  # the token each slot feeds at its next step
-        self._read = np.arange(S, dtype=np.int64)  # where each slot's state comes from
-        self._gen = np.zeros(S, np.int64)  # tokens generated so far
-        self._max = np.zeros(S, np.int64)
-        self._min = np.zeros(S, np.int64)
-        self._temperature = np.zeros(S, np.float32)
-        self._top_k = np.zeros(S, np.int32)
-        self._top_p = np.ones(S, np.float32)
-        self._seed = np.zeros(S, np.uint64)
-        self._stream = np.zeros(S, bool)
-        self._want_logprobs = np.zeros(S, bool)
-        self._has_stop = np.zeros(S, bool)
-        self._stop = np.full((S, max(config.max_stop_tokens, 1)), -1, np.int64)
-        self._rating = np.full(S, np.nan)
-        self._first_token_at = np.full(S, np.nan)
-        self._beam_index = np.zeros(S, np.int64)  # a beam slot's position in its group
-        self._out_tokens = np.zeros((S, T), np.int64)
-        self._out_logprobs = np.zeros((S, T), np.float32)
         self._aborts: set[str] = set()
         self.num_tokens_last_step = 0  # tokens appended by the last update (stats)
 
@@ -146,11 +99,11 @@ class Scheduler:
 
     @property
     def num_free_slots(self) -> int:
-        return len(self._free)
+        return self.slots.num_free
 
     @property
     def num_active_slots(self) -> int:
-        return self.config.num_slots - len(self._free)
+        return self.slots.num_active
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._aborts)
@@ -167,20 +120,25 @@ class Scheduler:
     # --- requests in ---------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        """Queues a validated request; raises QueueFullError at the bound."""
+        """Queues a request; raises QueueFullError at the bound.
+
+        Requests are validated by the RequestBuilder; what is refused here is what this
+        scheduler could never hold: more slots than the batch limit (it would block the
+        FIFO queue forever) or more tokens or stop ids than its buffers have room for.
+        """
+        config = self.config
         if request.request_id in self._known:
             raise InvalidRequestError("request_id", f"{request.request_id!r} is already queued")
-        if request.num_slots > self.config.batch_limit:
+        if request.num_slots > config.batch_limit:
             raise InvalidRequestError(
-                "num_beams",
-                f"needs {request.num_slots} slots, the limit is {self.config.batch_limit}",
+                "num_beams", f"needs {request.num_slots} slots, the limit is {config.batch_limit}"
             )
-        if request.params.max_tokens > self.config.max_tokens:
-            raise InvalidRequestError("max_tokens", f"over the limit {self.config.max_tokens}")
-        if len(request.params.stop_token_ids) > self.config.max_stop_tokens:
-            raise InvalidRequestError("stop_token_ids", f"at most {self.config.max_stop_tokens}")
-        if len(self._waiting) >= self.config.max_queued:
-            raise QueueFullError(f"queue full ({self.config.max_queued} waiting)")
+        if request.params.max_tokens > config.max_tokens:
+            raise InvalidRequestError("max_tokens", f"over the limit {config.max_tokens}")
+        if len(request.params.stop_token_ids) > config.max_stop_tokens:
+            raise InvalidRequestError("stop_token_ids", f"at most {config.max_stop_tokens}")
+        if len(self._waiting) >= config.max_queued:
+            raise QueueFullError(f"queue full ({config.max_queued} waiting)")
         self._waiting.append(request)
         self._known[request.request_id] = request
 
@@ -199,15 +157,15 @@ class Scheduler:
             self._apply_aborts(plan)
         if self._waiting:
             self._admit(plan)
-        mode = self._mode
-        rows = np.flatnonzero((mode == _GREEDY) | (mode == _SAMPLE) | (mode == _BEAM_LIVE))
+        t = self.slots
+        rows = t.live_rows()
         if rows.size:
             want_topk = bool(
-                (mode[rows] != _GREEDY).any()
-                or self._want_logprobs[rows].any()
-                or (self._gen[rows] < self._min[rows]).any()
+                (t.mode[rows] != GREEDY).any()
+                or t.wants_logprobs[rows].any()
+                or (t.num_generated[rows] < t.min_tokens[rows]).any()
             )
-            plan.step = StepBatch(self._read[rows], rows, self._token[rows], want_topk)
+            plan.step = StepBatch(t.read_slot[rows], rows, t.next_token[rows], want_topk)
         return plan
 
     def _apply_aborts(self, plan: StepPlan) -> None:
@@ -221,6 +179,7 @@ class Scheduler:
                 else:
                     kept.append(request)
             self._waiting = kept
+        t = self.slots
         for request_id in aborts:
             running = self._running.get(request_id)
             if running is None:
@@ -229,18 +188,20 @@ class Scheduler:
                 tokens = running.beams.tokens[0].tolist()
                 logprobs = running.beams.logprobs[0].tolist()
             else:
-                slot, n = running.slots[0], int(self._gen[running.slots[0]])
-                tokens = self._out_tokens[slot, :n].tolist()
-                logprobs = self._out_logprobs[slot, :n].tolist()
+                slot = running.slots[0]
+                n = int(t.num_generated[slot])
+                tokens = t.out_tokens[slot, :n].tolist()
+                logprobs = t.out_logprobs[slot, :n].tolist()
             plan.outputs.append(
                 self._output(running.request, running, tokens, logprobs, FinishReason.ABORTED)
             )
-            self._release(running)
+            self._release([running])
 
     def _admit(self, plan: StepPlan) -> None:
         """FIFO admission: a request that does not fit blocks those behind it, so a big
         (beam) request is never overtaken and cannot starve."""
         now = self._clock()
+        t = self.slots
         limit = self.config.batch_limit
         flat_slots: list[int] = []
         flat_requests: list[Request] = []
@@ -250,20 +211,21 @@ class Scheduler:
         while self._waiting and admitted < self.config.max_admit_per_step:
             request = self._waiting[0]
             need = request.num_slots
-            if need > len(self._free) or self.num_active_slots + need > limit:
+            if need > t.num_free or t.num_active + need > limit:
                 break
             self._waiting.popleft()
             admitted += 1
-            if need == 1:
-                slots = np.array((self._free.pop(),), np.int64)
-            else:
-                slots = np.sort(np.array([self._free.pop() for _ in range(need)], np.int64))
-            running = _Running(request, slots, admitted_at=now)
+            running = _Running(request, np.empty(0, np.int64), admitted_at=now)
+            running.slots = slots = t.take(need, running)
             self._running[request.request_id] = running
-            for slot in slots.tolist():
-                self._owner[slot] = running
             if request.params.strategy is Strategy.BEAM:
-                self._init_beam(running)
+                t.start_beams(slots, request, self.bos_id)
+                p = request.params
+                running.beams = BeamGroup(
+                    slots=slots, num_beams=p.num_beams, length_penalty=p.length_penalty,
+                    eos_id=self.eos_id, stop_ids=np.array(p.stop_token_ids, np.int64),
+                    min_tokens=p.min_tokens, max_tokens=p.max_tokens,
+                )
             else:
                 flat_slots.append(int(slots[0]))
                 flat_requests.append(request)
@@ -276,7 +238,7 @@ class Scheduler:
                 items.append(request.item_index)
                 enc_ids.append(request.request_id)
         if flat_requests:
-            self._init_flat(np.array(flat_slots, np.int64), flat_requests)
+            t.start_flat(np.array(flat_slots, np.int64), flat_requests, self.bos_id)
         if enc_slots:
             plan.encode = EncodeBatch(
                 np.array(enc_slots, np.int64), np.array(users, np.int64),
@@ -287,98 +249,47 @@ class Scheduler:
                 np.array(state_slots, np.int64), np.stack(states).astype(np.float32, copy=False)
             )
 
-    def _init_common(self, slots: np.ndarray, requests: list[Request]) -> None:
-        params = [r.params for r in requests]
-        self._token[slots] = self.bos_id
-        self._read[slots] = slots
-        self._gen[slots] = 0
-        self._max[slots] = [p.max_tokens for p in params]
-        self._min[slots] = [p.min_tokens for p in params]
-        self._stream[slots] = [r.stream for r in requests]
-        self._want_logprobs[slots] = [p.return_logprobs for p in params]
-        self._rating[slots] = np.nan
-        self._first_token_at[slots] = np.nan
-        self._stop[slots] = -1
-        has_stop = [bool(p.stop_token_ids) for p in params]
-        self._has_stop[slots] = has_stop
-        if any(has_stop):
-            for slot, p in zip(slots.tolist(), params, strict=True):
-                self._stop[slot, : len(p.stop_token_ids)] = p.stop_token_ids
-
-    def _init_flat(self, slots: np.ndarray, requests: list[Request]) -> None:
-        self._init_common(slots, requests)
-        sample = [r.params.strategy is Strategy.SAMPLE for r in requests]
-        self._mode[slots] = np.where(sample, _SAMPLE, _GREEDY)
-        # greedy rows choose with temperature 0 when <eos> is suppressed (min_tokens)
-        self._temperature[slots] = 0.0
-        self._top_k[slots] = 0
-        self._top_p[slots] = 1.0
-        self._seed[slots] = 0
-        if any(sample):
-            for slot, r, s in zip(slots.tolist(), requests, sample, strict=True):
-                if s:
-                    sp = r.params.sampling
-                    self._temperature[slot] = sp.temperature
-                    self._top_k[slot] = sp.top_k
-                    self._top_p[slot] = sp.top_p
-                    self._seed[slot] = np.uint64(r.seed)
-
-    def _init_beam(self, running: _Running) -> None:
-        request, slots = running.request, running.slots
-        p = request.params
-        self._init_common(slots, [request] * len(slots))
-        self._stream[slots] = False  # beams deliver their final result only
-        self._mode[slots] = _BEAM_IDLE
-        self._mode[slots[0]] = _BEAM_LIVE
-        self._beam_index[slots] = np.arange(len(slots))
-        running.beams = BeamGroup(
-            slots=slots, num_beams=p.num_beams, length_penalty=p.length_penalty,
-            eos_id=self.eos_id, stop_ids=np.array(p.stop_token_ids, np.int64),
-            min_tokens=p.min_tokens, max_tokens=p.max_tokens,
-        )
-
     def update(
-        self,
-        plan: StepPlan,
-        ratings: np.ndarray | None,
-        next_tokens: np.ndarray | None,
-        topk_logprobs: np.ndarray | None = None,
-        topk_ids: np.ndarray | None = None,
+        self, plan: StepPlan, ratings: np.ndarray | None, out: StepOutput | None
     ) -> list[RequestOutput]:
         """Applies the runner's results of `plan`; returns the outputs to deliver: final
         outputs of finished requests, and new tokens of streaming ones."""
         outputs = plan.outputs
         self.num_tokens_last_step = 0
         if plan.encode is not None and ratings is not None:
-            self._rating[plan.encode.slots] = ratings
+            self.slots.rating[plan.encode.slots] = ratings
         if plan.step is None:
             return outputs
-        if next_tokens is None:
-            raise ValueError("a planned step needs its next_tokens")
+        if out is None:
+            raise ValueError("a planned step needs the runner's output")
         now = self._clock()
         rows = plan.step.write_slots
-        beam = self._mode[rows] == _BEAM_LIVE
+        beam = self.slots.mode[rows] == BEAM_LIVE
         if not beam.any():
-            outputs.extend(self._advance_flat(rows, next_tokens, topk_logprobs, topk_ids, now))
+            outputs.extend(
+                self._advance_flat(rows, out.next_tokens, out.topk_logprobs, out.topk_ids, now)
+            )
             return outputs
-        if topk_logprobs is None or topk_ids is None:
+        if out.topk_logprobs is None or out.topk_ids is None:
             raise ValueError("beam rows need the TopK candidates")
         flat = ~beam
         if flat.any():
             outputs.extend(
                 self._advance_flat(
-                    rows[flat], next_tokens[flat], topk_logprobs[flat], topk_ids[flat], now
+                    rows[flat], out.next_tokens[flat], out.topk_logprobs[flat],
+                    out.topk_ids[flat], now,
                 )
             )
         outputs.extend(
-            self._advance_beams(rows[beam], topk_logprobs[beam], topk_ids[beam], now)
+            self._advance_beams(rows[beam], out.topk_logprobs[beam], out.topk_ids[beam], now)
         )
         return outputs
 
     def _choose(self, rows, gen, tokens, logprobs, topk_logprobs, topk_ids) -> None:
         """Rows that sample, or must not end yet, choose among the TopK candidates."""
-        early = gen < self._min[rows]
-        choose = early | (self._mode[rows] == _SAMPLE)
+        t = self.slots
+        early = gen < t.min_tokens[rows]
+        choose = early | (t.mode[rows] == SAMPLE)
         if not choose.any():
             return
         idx = np.flatnonzero(choose)
@@ -386,35 +297,34 @@ class Scheduler:
         lp, ids = topk_logprobs[idx], topk_ids[idx]
         early = early[idx]
         if early.any():
-            banned = ids == self.eos_id
-            stop_rows = early & self._has_stop[r]
-            if stop_rows.any():
-                stop = self._stop[r[stop_rows]]  # (n, max_stop)
-                banned[stop_rows] |= (ids[stop_rows][:, :, None] == stop[:, None, :]).any(-1)
-            lp = np.where(banned & early[:, None], -np.inf, lp)
-        uniforms = uniform_from_counter(self._seed[r], gen[idx])
+            stop = t.stop_ids[r] if t.has_stop_ids[r].any() else None
+            lp = suppress_token(lp, ids, self.eos_id, early, stop)
+        uniforms = uniform_from_counter(t.seed[r], gen[idx])
         chosen, chosen_lp = sample_from_candidates(
-            lp, ids, self._temperature[r], self._top_k[r], self._top_p[r], uniforms
+            lp, ids, t.temperature[r], t.top_k[r], t.top_p[r], uniforms
         )
         tokens[idx] = chosen
         logprobs[idx] = chosen_lp
 
     def _advance_flat(self, rows, next_tokens, topk_logprobs, topk_ids, now) -> list[RequestOutput]:
-        gen = self._gen[rows]
+        t = self.slots
+        gen = t.num_generated[rows]
         first = gen == 0
         if first.any():
-            self._first_token_at[rows[first]] = now
+            t.first_token_at[rows[first]] = now
         tokens = np.array(next_tokens, dtype=np.int64)  # a copy: sampled rows overwrite it
         logprobs = None
         if topk_logprobs is not None:
             logprobs = topk_logprobs[:, 0].astype(np.float32)
             self._choose(rows, gen, tokens, logprobs, topk_logprobs, topk_ids)
-        ends = tokens == self.eos_id
         is_stop = None
-        has_stop = self._has_stop[rows]
+        has_stop = t.has_stop_ids[rows]
         if has_stop.any():
-            is_stop = has_stop & (tokens[:, None] == self._stop[rows]).any(1)
-            ends = ends | is_stop
+            # -1 pads the stop lists and is no token: ending_tokens then tests stop ids only
+            is_stop = has_stop & ending_tokens(tokens, -1, t.stop_ids[rows])
+            ends = is_stop | (tokens == self.eos_id)
+        else:
+            ends = tokens == self.eos_id
         if ends.any():  # the ending token is not part of the output
             keep = ~ends
             kept_rows, kept_gen, kept_tokens = rows[keep], gen[keep], tokens[keep]
@@ -423,21 +333,21 @@ class Scheduler:
         else:
             kept_rows, kept_gen, kept_tokens, kept_logprobs = rows, gen, tokens, logprobs
             new_gen = gen + 1
-        self._out_tokens[kept_rows, kept_gen] = kept_tokens
+        t.out_tokens[kept_rows, kept_gen] = kept_tokens
         if kept_logprobs is not None:
-            self._out_logprobs[kept_rows, kept_gen] = kept_logprobs
-        self._gen[kept_rows] = kept_gen + 1
-        self._token[kept_rows] = kept_tokens
+            t.out_logprobs[kept_rows, kept_gen] = kept_logprobs
+        t.num_generated[kept_rows] = kept_gen + 1
+        t.next_token[kept_rows] = kept_tokens
         self.num_tokens_last_step += int(kept_rows.size)
-        finished = ends | (new_gen >= self._max[rows])
-        report = finished | self._stream[rows]
+        finished = ends | (new_gen >= t.max_tokens[rows])
+        report = finished | t.streams[rows]
         if not report.any():
             return []
         outputs: list[RequestOutput] = []
         done: list[_Running] = []
         for i in np.flatnonzero(report).tolist():
             slot = int(rows[i])
-            running = self._owner[slot]
+            running = t.owner[slot]
             n = int(new_gen[i])
             if finished[i]:
                 if not ends[i]:
@@ -449,39 +359,41 @@ class Scheduler:
                 want_lp = running.request.params.return_logprobs
                 outputs.append(
                     self._output(
-                        running.request, running, self._out_tokens[slot, :n].tolist(),
-                        self._out_logprobs[slot, :n].tolist() if want_lp else [], reason,
+                        running.request, running, t.out_tokens[slot, :n].tolist(),
+                        t.out_logprobs[slot, :n].tolist() if want_lp else [], reason,
                     )
                 )
                 done.append(running)
             elif n > running.emitted:
                 outputs.append(self._delta(running, slot, n))
         if done:
-            self._release_all(done)
+            self._release(done)
         return outputs
 
     def _delta(self, running: _Running, slot: int, n: int) -> RequestOutput:
+        t = self.slots
         start, running.emitted = running.emitted, n
         want_lp = running.request.params.return_logprobs
         return RequestOutput(
             request_id=running.request.request_id,
-            new_token_ids=self._out_tokens[slot, start:n].tolist(),
-            new_logprobs=self._out_logprobs[slot, start:n].tolist() if want_lp else None,
+            new_token_ids=t.out_tokens[slot, start:n].tolist(),
+            new_logprobs=t.out_logprobs[slot, start:n].tolist() if want_lp else None,
             predicted_rating=self._rating_of(running),
         )
 
     def _advance_beams(self, rows, topk_logprobs, topk_ids, now) -> list[RequestOutput]:
+        t = self.slots
         groups: dict[str, list[int]] = {}
         for i, slot in enumerate(rows.tolist()):
-            groups.setdefault(self._owner[slot].request.request_id, []).append(i)
+            groups.setdefault(t.owner[slot].request.request_id, []).append(i)
         outputs = []
         for request_id, indices in groups.items():
             running = self._running[request_id]
             beams = running.beams
             idx = np.asarray(indices)
-            idx = idx[np.argsort(self._beam_index[rows[idx]])]  # beam order
+            idx = idx[np.argsort(t.beam_index[rows[idx]])]  # beam order
             if beams.num_generated == 0:
-                self._first_token_at[beams.slots[0]] = now
+                t.first_token_at[beams.slots[0]] = now
             result = beams.advance(topk_logprobs[idx], topk_ids[idx])
             self.num_tokens_last_step += int(idx.size)
             if result is None:
@@ -491,21 +403,21 @@ class Scheduler:
                         running.request, running, best.tokens, best.logprobs, best.finish_reason
                     )
                 )
-                self._release(running)
+                self._release([running])
                 continue
             read_slots, tokens = result
             live = beams.live_slots
-            self._mode[beams.slots] = _BEAM_IDLE
-            self._mode[live] = _BEAM_LIVE
-            self._read[live] = read_slots
-            self._token[live] = tokens
-            self._gen[live] = beams.num_generated
+            t.mode[beams.slots] = BEAM_IDLE
+            t.mode[live] = BEAM_LIVE
+            t.read_slot[live] = read_slots
+            t.next_token[live] = tokens
+            t.num_generated[live] = beams.num_generated
         return outputs
 
     def _rating_of(self, running: _Running | None) -> float | None:
         if running is None:
             return None
-        rating = float(self._rating[running.slots[0]])
+        rating = float(self.slots.rating[running.slots[0]])
         return None if rating != rating else rating  # NaN: raw-state request, no rating
 
     def _output(
@@ -518,7 +430,7 @@ class Scheduler:
         start = running.emitted if running is not None else 0
         first_token_s = None
         if running is not None:
-            first = float(self._first_token_at[running.slots[0]])
+            first = float(self.slots.first_token_at[running.slots[0]])
             if first == first:
                 first_token_s = first - request.arrival_time
         return RequestOutput(
@@ -535,24 +447,13 @@ class Scheduler:
             total_s=now - request.arrival_time,
         )
 
-    def _release(self, running: _Running) -> None:
-        self._release_all([running])
-
-    def _release_all(self, finished: list[_Running]) -> None:
+    def _release(self, finished: list[_Running]) -> None:
         """Frees the requests' slots at once: the next schedule() can admit into them."""
         for running in finished:
-            for slot in running.slots.tolist():
-                self._owner[slot] = None
-            self._free.extend(running.slots[::-1].tolist())
             del self._running[running.request.request_id]
             del self._known[running.request.request_id]
         slots = (
             finished[0].slots if len(finished) == 1
             else np.concatenate([r.slots for r in finished])
         )
-        self._mode[slots] = _FREE
-        self._read[slots] = slots
-        self._stream[slots] = False
-        self._want_logprobs[slots] = False
-        self._has_stop[slots] = False
-        self._min[slots] = 0
+        self.slots.release(slots)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -21,49 +20,32 @@ from grpc_reflection.v1alpha import reflection
 from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
-from .bundle import Bundle, load_bundle
-from .engine import Engine, ModelInfo
+from .bundle import Bundle, ModelInfo, load_bundle
+from .config import ServerConfig, TransportConfig
+from .core import EngineCore
+from .engine import Engine
 from .metrics import ServiceMetrics
-from .providers import SessionConfig
 from .requests import DecodingParams
 from .runner import StepRunner
-from .scheduler import SchedulerConfig
 from .servicer import SERVICE_NAME, GeneratorServicer, MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
-MiB = 1 << 20
+__all__ = ["GruServer", "ServerConfig", "build_engine", "format_address", "serve_forever"]
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    device: str = "auto"
-    num_slots: int = 256
-    max_queued: int = 1024
-    max_tokens: int = 64
-    max_batch_requests: int = 64
-    intra_op_threads: int = 0
-    cuda_graphs: bool = False
-    # None: no metrics endpoint; 0: any free port
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    auth_token: str | None = None
-    grace_s: float = 10.0
-    # a request is a few ids; a batch of 64 with raw states stays far below this
-    max_message_bytes: int = 4 * MiB
-    warmup: bool = True
+def build_engine(bundle: Bundle, config: ServerConfig) -> Engine:
+    """The engine for a bundle: ORT runner -> core -> threaded engine (not started)."""
+    runner = StepRunner(bundle, num_slots=config.scheduler.num_slots, config=config.session)
+    return Engine(EngineCore(runner, ModelInfo.from_bundle(bundle), config.scheduler))
 
 
 def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    max_bytes = config.service.max_message_bytes
     return [
         # a bigger request is refused with RESOURCE_EXHAUSTED before it is parsed
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
         # the server pings idle connections every 60 s (dead peers are dropped after 20 s
         # more) so NATs and load balancers keep them; clients may ping every 10 s at most,
         # even between calls, before the server answers GOAWAY (too_many_pings)
@@ -86,13 +68,10 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    if not (config.tls_cert or config.tls_key):
-        if config.tls_client_ca:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+def _server_credentials(config: TransportConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured files (the config checked they come in pairs)."""
+    if not config.tls_cert:
         return None
-    if not (config.tls_cert and config.tls_key):
-        raise ValueError("TLS needs both --tls-cert and --tls-key")
     cert = Path(config.tls_cert).read_bytes()
     key = Path(config.tls_key).read_bytes()
     client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
@@ -104,26 +83,11 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 class GruServer:
     """One serving process: call start(), then wait() or stop()."""
 
-    def __init__(self, bundle: Bundle, config: ServerConfig = ServerConfig()) -> None:
+    def __init__(self, bundle: Bundle, config: ServerConfig | None = None) -> None:
         self.bundle = bundle
-        self.config = config
+        self.config = config = config or ServerConfig()
         self.metrics = ServiceMetrics()
-        runner = StepRunner(
-            bundle,
-            num_slots=config.num_slots,
-            config=SessionConfig(
-                device=config.device, intra_op_threads=config.intra_op_threads,
-                cuda_graphs=config.cuda_graphs,
-            ),
-        )
-        self.engine = Engine(
-            runner,
-            ModelInfo.from_bundle(bundle),
-            SchedulerConfig(
-                num_slots=config.num_slots, max_queued=config.max_queued,
-                max_tokens=config.max_tokens,
-            ),
-        )
+        self.engine = build_engine(bundle, config)
         self.engine.observers.append(self.metrics.observe_step)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -137,28 +101,27 @@ class GruServer:
 
     async def start(self) -> int:
         """Binds, starts the engine, warms up, then reports SERVING; returns the bound port."""
-        config = self.config
+        config, transport = self.config, self.config.transport
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # outermost first: refuse the unauthenticated before parsing anything
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if config.auth_token:
+        if transport.auth_token:
             interceptors.append(
-                BearerTokenInterceptor(config.auth_token, on_denied=self.metrics.count_denied)
+                BearerTokenInterceptor(transport.auth_token, on_denied=self.metrics.count_denied)
             )
         interceptors.append(MalformedRequestInterceptor(self.metrics))
         server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
         servicer = GeneratorServicer(
             self.engine, self.metrics, self.health, provider=self.provider,
-            precision=self.bundle.precision, max_batch_requests=config.max_batch_requests,
-            max_request_bytes=config.max_message_bytes,
+            precision=self.bundle.precision, service=config.service,
         )
         pb_grpc.add_GeneratorServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        address = format_address(config.host, config.port)
-        credentials = _server_credentials(config)
+        address = format_address(transport.host, transport.port)
+        credentials = _server_credentials(transport)
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(address)
@@ -172,11 +135,11 @@ class GruServer:
         try:
             await server.start()
             self._server = server
-            if config.metrics_port is not None:
+            if transport.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(
-                    config.metrics_port, config.metrics_host
+                    transport.metrics_port, transport.metrics_host
                 )
-            if config.warmup:
+            if config.lifecycle.warmup:
                 await self._warm_up()
         except BaseException:
             await server.stop(None)
@@ -187,15 +150,15 @@ class GruServer:
         self._watchdog = asyncio.create_task(self._watch_engine())
         log.info(
             "serving %s on %s (provider %s, %d slots, %s%s%s)",
-            self.bundle.name, format_address(config.host, self.port), self.provider,
-            config.num_slots, "TLS" if credentials else "plaintext",
-            ", mutual TLS" if config.tls_client_ca else "",
-            ", token auth" if config.auth_token else "",
+            self.bundle.name, format_address(transport.host, self.port), self.provider,
+            config.scheduler.num_slots, "TLS" if credentials else "plaintext",
+            ", mutual TLS" if transport.tls_client_ca else "",
+            ", token auth" if transport.auth_token else "",
         )
         if self.metrics_port is not None:
             log.info(
                 "metrics on http://%s/metrics",
-                format_address(config.metrics_host, self.metrics_port),
+                format_address(transport.metrics_host, self.metrics_port),
             )
         return self.port
 
@@ -233,7 +196,7 @@ class GruServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, finish in-flight ones within the grace period."""
-        grace = self.config.grace_s if grace is None else grace
+        grace = self.config.lifecycle.grace_s if grace is None else grace
         # NOT_SERVING for good: a late watchdog or servicer cannot turn it back
         await self.health.enter_graceful_shutdown()
         if self._watchdog is not None:
@@ -274,11 +237,14 @@ async def serve_forever(bundle_path: str | Path, config: ServerConfig) -> int:
     try:
         await server.start()
         print(
-            f"gruserve: serving {bundle.path} on {format_address(config.host, server.port)}",
+            f"gruserve: serving {bundle.path} on "
+            f"{format_address(config.transport.host, server.port)}",
             flush=True,
         )
         await stop.wait()
-        log.info("%s received: draining (grace %.1fs)", received[0], config.grace_s)
+        log.info(
+            "%s received: draining (grace %.1fs)", received[0], config.lifecycle.grace_s
+        )
         await server.stop()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,9 +21,17 @@ from gruserve.v1 import gruserve_pb2 as pb
 from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
 from . import convert
+from .config import ServiceConfig
 from .engine import Engine, RequestHandle
-from .errors import EngineDeadError, GruserveError, InvalidRequestError, RequestAbortedError
+from .errors import (
+    EngineDeadError,
+    GruserveError,
+    InvalidRequestError,
+    RequestAbortedError,
+    RequestError,
+)
 from .metrics import ServiceMetrics
+from .request_builder import MAX_REQUEST_ID_LEN
 from .requests import FinishReason, Request, RequestOutput
 from .status import status_for
 
@@ -91,16 +99,14 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         *,
         provider: str,
         precision: str,
-        max_batch_requests: int = 64,
-        max_request_bytes: int = 0,
+        service: ServiceConfig,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.health = health_servicer
         self.provider = provider
         self.precision = precision
-        self.max_batch_requests = max_batch_requests
-        self.max_request_bytes = max_request_bytes
+        self.service = service
 
     @contextlib.asynccontextmanager
     async def _guard(self, rpc: str, context: grpc.aio.ServicerContext):
@@ -148,7 +154,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
     def _prepare(self, scope: _RpcScope, message: pb.GenerateRequest, stream: bool) -> Request:
         if message.request_id:  # not validated yet: escaped, so it cannot forge log lines
-            rid = message.request_id[: convert.MAX_REQUEST_ID_LEN]
+            rid = message.request_id[:MAX_REQUEST_ID_LEN]
             if not rid.isprintable():
                 rid = rid.encode("unicode_escape").decode("ascii")
             scope.request_ids.append(rid)
@@ -197,21 +203,16 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     ):
         async with self._guard("GenerateBatch", context) as scope:
             count = len(request.requests)
-            if not 0 < count <= self.max_batch_requests:
-                raise InvalidRequestError(
-                    "requests", f"needs 1..{self.max_batch_requests} requests, got {count}"
-                )
+            limit = self.service.max_batch_requests
+            if not 0 < count <= limit:
+                raise InvalidRequestError("requests", f"needs 1..{limit} requests, got {count}")
             # validate everything before queuing anything: a bad item fails the call whole
             prepared = []
             for index, message in enumerate(request.requests):
                 try:
                     prepared.append(self._prepare(scope, message, stream=False))
-                except InvalidRequestError as exc:
-                    raise InvalidRequestError(
-                        f"requests[{index}].{exc.field}", str(exc).split(": ", 1)[-1]
-                    ) from None
-                except GruserveError as exc:
-                    raise type(exc)(f"requests[{index}]: {exc}") from None
+                except RequestError as exc:
+                    raise exc.with_prefix(f"requests[{index}].") from None
             ids = [r.client_id for r in prepared]
             if len(set(ids)) != len(ids):
                 raise InvalidRequestError("requests", "request_id values must be unique")
@@ -230,8 +231,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         async with self._guard("GetModelInfo", context):
             return convert.model_info(
                 self.engine, provider=self.provider, precision=self.precision,
-                max_batch_requests=self.max_batch_requests,
-                max_request_bytes=self.max_request_bytes,
+                service=self.service,
             )
 
 

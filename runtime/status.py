@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 
 from .errors import (
-    DeadlineExceededError,
     EngineDeadError,
     InvalidRequestError,
     NotFoundError,
@@ -17,7 +16,6 @@ STATUS_OF = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     RequestAbortedError: grpc.StatusCode.CANCELLED,
     EngineDeadError: grpc.StatusCode.UNAVAILABLE,
 }

@@ -23,7 +23,7 @@ class ServerThread:
         config.setdefault("num_slots", 32)
         config.setdefault("device", "cpu")
         config.setdefault("intra_op_threads", 1)
-        self.config = ServerConfig(**config)
+        self.config = ServerConfig().with_overrides(**config)
         self.bundle = load_bundle(bundle_dir)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

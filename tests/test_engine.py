@@ -18,7 +18,10 @@ pytest.importorskip("torch")
 import torch  # noqa: E402
 
 from gruserve.export.model import greedy_decode  # noqa: E402
-from gruserve.runtime.engine import Engine, ModelInfo, StepStats  # noqa: E402
+from gruserve.runtime.bundle import ModelInfo  # noqa: E402
+from gruserve.runtime.config import SchedulerConfig  # noqa: E402
+from gruserve.runtime.core import EngineCore  # noqa: E402
+from gruserve.runtime.engine import Engine  # noqa: E402
 from gruserve.runtime.errors import (  # noqa: E402
     EngineDeadError,
     QueueFullError,
@@ -27,7 +30,7 @@ from gruserve.runtime.errors import (  # noqa: E402
 from gruserve.runtime.requests import DecodingParams, FinishReason, Strategy  # noqa: E402
 from gruserve.runtime.runner import StepRunner  # noqa: E402
 from gruserve.runtime.sampler import SamplingParams  # noqa: E402
-from gruserve.runtime.scheduler import SchedulerConfig  # noqa: E402
+from gruserve.runtime.stats import StepStats  # noqa: E402
 
 from .serving import StepGate  # noqa: E402
 
@@ -45,6 +48,10 @@ def info(tiny_bundle):
     return ModelInfo.from_bundle(tiny_bundle)
 
 
+def make_engine(runner, info, config) -> Engine:
+    return Engine(EngineCore(runner, info, config))
+
+
 def run(coro):
     async def bounded():
         return await asyncio.wait_for(coro, TIMEOUT_S)
@@ -55,7 +62,7 @@ def run(coro):
 @contextlib.asynccontextmanager
 async def started(runner, info, **config):
     config.setdefault("max_tokens", 48)
-    engine = Engine(runner, info, SchedulerConfig(num_slots=runner.num_slots, **config))
+    engine = make_engine(runner, info, SchedulerConfig(num_slots=runner.num_slots, **config))
     engine.start()
     try:
         yield engine
@@ -229,14 +236,14 @@ def test_abort_mid_generation_frees_the_slot_and_leaves_the_others_alone(runner,
                 waiting = submit(engine, info, "d", 4, long)
                 gate.allow(3)
                 gate.wait_blocked(5)
-                assert engine.scheduler.running_slots(victim.key) is not None
-                assert engine.scheduler.running_slots(waiting.key) is None
+                assert engine.core.scheduler.running_slots(victim.key) is not None
+                assert engine.core.scheduler.running_slots(waiting.key) is None
                 victim.abort()
                 # the held step finishes; the next one applies the abort and admits "d"
                 gate.allow(2)
                 gate.wait_blocked(7)
                 aborted = await victim.result()
-                assert engine.scheduler.running_slots(waiting.key) is not None
+                assert engine.core.scheduler.running_slots(waiting.key) is not None
                 others_running = [not h.done for h in handles]
             results = {h.request_id: await h.result() for h in [*handles, waiting]}
             return solo, victim_solo, aborted, others_running, results
@@ -299,7 +306,8 @@ def test_queue_full_raises(runner, info):
             return runner.step(*args, **kwargs)
 
     async def main():
-        engine = Engine(GatedRunner(), info, SchedulerConfig(num_slots=NUM_SLOTS, max_queued=3))
+        config = SchedulerConfig(num_slots=NUM_SLOTS, max_queued=3)
+        engine = make_engine(GatedRunner(), info, config)
         engine.start()
         try:
             handles = [submit(engine, info, "first", 0, DecodingParams())]
@@ -335,7 +343,7 @@ def test_a_failing_runner_kills_the_engine_visibly(runner, info):
             return runner.step(*args, **kwargs)
 
     async def main():
-        engine = Engine(FailingRunner(), info, SchedulerConfig(num_slots=NUM_SLOTS))
+        engine = make_engine(FailingRunner(), info, SchedulerConfig(num_slots=NUM_SLOTS))
         engine.start()
         try:
             assert engine.healthy
@@ -364,7 +372,7 @@ def test_a_failing_runner_kills_the_engine_visibly(runner, info):
 
 def test_stop_fails_unfinished_requests(runner, info):
     async def main():
-        engine = Engine(runner, info, SchedulerConfig(num_slots=NUM_SLOTS, max_tokens=48))
+        engine = make_engine(runner, info, SchedulerConfig(num_slots=NUM_SLOTS, max_tokens=48))
         engine.start()
         # the gate holds the first step, so the request cannot finish before stop() lands
         with StepGate(engine) as gate:

@@ -1,4 +1,5 @@
-"""The scheduler, driven by a fake runner: no ORT, no model, hand-built candidates."""
+"""The scheduler, driven through the engine core's step by a fake runner: no ORT, no model,
+hand-built candidates."""
 
 from __future__ import annotations
 
@@ -6,24 +7,25 @@ import numpy as np
 import pytest
 
 from gruserve.runtime.beam import BeamGroup
+from gruserve.runtime.bundle import ModelInfo
+from gruserve.runtime.config import SchedulerConfig
+from gruserve.runtime.core import EngineCore
 from gruserve.runtime.errors import InvalidRequestError, QueueFullError
-from gruserve.runtime.requests import (
-    DecodingParams,
-    FinishReason,
-    Limits,
-    Request,
-    Strategy,
-    validate_params,
-)
-from gruserve.runtime.runner import StepOutput
+from gruserve.runtime.model_runner import ModelRunner, StepOutput
+from gruserve.runtime.request_builder import validate_params
+from gruserve.runtime.requests import DecodingParams, FinishReason, Limits, Request, Strategy
 from gruserve.runtime.sampler import SamplingParams
-from gruserve.runtime.scheduler import Scheduler, SchedulerConfig
 
 BOS, EOS = 0, 1
 K = 4
 STOP = 50
 LIMITS = Limits(
     vocab_size=400, max_tokens=32, default_max_tokens=16, sampling_top_k=K, max_beams=4
+)
+INFO = ModelInfo(
+    name="fake", vocab=tuple(f"w{i}" for i in range(LIMITS.vocab_size)), users={}, items={},
+    bos_id=BOS, eos_id=EOS, pad_id=2, unk_id=3, hidden_size=8, num_layers=1,
+    model_config={"max_len": LIMITS.default_max_tokens},
 )
 
 
@@ -58,6 +60,9 @@ class FakeRunner:
     step graph does, and returns TopK candidates only when asked, like the real runner.
     """
 
+    top_k = K
+    can_write_states = False
+
     def __init__(self, num_slots: int, lm) -> None:
         self.num_slots = num_slots
         self.lm = lm
@@ -80,11 +85,26 @@ class FakeRunner:
             return StepOutput(ids[:, 0].copy(), lps, ids)
         return StepOutput(ids[:, 0].copy())
 
+    def write_states(self, slots, states):
+        raise AssertionError("no test here conditions on raw states")
+
+
+class Driven:
+    """The engine core under test: scheduler queries and requests go to its scheduler, and
+    step() below runs the core's own step."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+
+    def __getattr__(self, name):
+        return getattr(self.core.scheduler, name)
+
 
 def make(num_slots=4, lm=None, clock=None, **config):
     cfg = SchedulerConfig(num_slots=num_slots, max_tokens=LIMITS.max_tokens, **config)
+    runner = FakeRunner(num_slots, lm or hashed_lm)
     kwargs = {} if clock is None else {"clock": clock}
-    return Scheduler(cfg, bos_id=BOS, eos_id=EOS, **kwargs), FakeRunner(num_slots, lm or hashed_lm)
+    return Driven(EngineCore(runner, INFO, cfg, **kwargs)), runner
 
 
 def req(request_id, user=0, stream=False, seed=0, arrival=0.0, **params) -> Request:
@@ -94,16 +114,9 @@ def req(request_id, user=0, stream=False, seed=0, arrival=0.0, **params) -> Requ
     )
 
 
-def step(sched: Scheduler, runner: FakeRunner):
-    plan = sched.schedule()
-    ratings = None
-    if plan.encode is not None:
-        ratings = runner.encode(plan.encode.slots, plan.encode.users, plan.encode.items)
-    if plan.step is None:
-        return plan, sched.update(plan, ratings, None)
-    s = plan.step
-    out = runner.step(s.read_slots, s.write_slots, s.tokens, want_topk=s.want_topk)
-    return plan, sched.update(plan, ratings, out.next_tokens, out.topk_logprobs, out.topk_ids)
+def step(sched: Driven, runner: FakeRunner):
+    result = sched.core.step()
+    return result.plan, result.outputs
 
 
 def run(sched, runner, max_steps=500, check=None):
@@ -127,6 +140,11 @@ def alone(request, lm=hashed_lm):
     sched, runner = make(lm=lm)
     sched.add(request)
     return finals(run(sched, runner))[request.request_id]
+
+
+def test_the_fake_runner_satisfies_the_runner_protocol():
+    assert isinstance(FakeRunner(2, hashed_lm), ModelRunner)
+    assert not isinstance(object(), ModelRunner)
 
 
 # --- admission and capacity ---------------------------------------------------------------

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gruserve.runtime import cli
 from gruserve.runtime.auth import load_token
+from gruserve.runtime.cli_config import config_from_args
 from gruserve.runtime.client import Connection, GruserveClient
 from gruserve.runtime.server import ServerConfig
 
@@ -130,13 +131,9 @@ def test_tls_configuration_errors_are_startup_errors(tiny_bundle_dir, certs):
         dict(tls_key=str(certs / "server.key")),  # no certificate
         dict(tls_client_ca=str(certs / "ca.pem")),  # mTLS without TLS
     ):
-        thread = ServerThread(tiny_bundle_dir, **config).create()
-        try:
-            with pytest.raises(ValueError, match="--tls"):
-                thread.call(thread.server.start())
-        finally:
-            thread.server = None
-            thread.stop()
+        # refused as the configuration is built, before any socket or session exists
+        with pytest.raises(ValueError, match="--tls"):
+            ServerThread(tiny_bundle_dir, **config)
     with pytest.raises(ValueError, match="client certificate"):
         Connection("x:1", client_cert=str(certs / "client.pem"))
 
@@ -246,10 +243,10 @@ def _non_loopback_address() -> str | None:
 
 
 def test_binds_loopback_unless_told_otherwise(tiny_bundle_dir):
-    assert ServerConfig().host == "127.0.0.1"
-    assert ServerConfig().metrics_host == "127.0.0.1"
-    args = cli.build_parser().parse_args(["serve"])
-    assert (args.host, args.metrics_host) == ("127.0.0.1", "127.0.0.1")
+    assert ServerConfig().transport.host == "127.0.0.1"
+    assert ServerConfig().transport.metrics_host == "127.0.0.1"
+    transport = config_from_args(cli.build_parser().parse_args(["serve"]), environ={}).transport
+    assert (transport.host, transport.metrics_host) == ("127.0.0.1", "127.0.0.1")
     address = _non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address to try")

@@ -520,8 +520,8 @@ def test_cli_serve_without_bundle_serves_the_demo_bundle(monkeypatch, tiny_bundl
     monkeypatch.setattr(server, "serve_forever", fake_serve_forever)
     assert cli.main(["serve", "--port", "0", "--num-slots", "8"]) == 0
     assert seen["bundle"] == tiny_bundle_dir
-    assert seen["config"].host == "127.0.0.1"  # this machine only, unless told otherwise
-    assert seen["config"].num_slots == 8
+    assert seen["config"].transport.host == "127.0.0.1"  # this machine only, unless told
+    assert seen["config"].scheduler.num_slots == 8
 
 
 def test_many_concurrent_clients(server, pairs):

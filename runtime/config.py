@@ -1,0 +1,263 @@
+"""The serving configuration: the one place where every default lives.
+
+`ServerConfig` nests one frozen section per layer (ORT sessions, the scheduler, the service's
+limits, the transport, the process lifecycle). Each field is declared with `setting(...)`,
+which gives its default, its help text and its bounds once; `gruserve serve`'s flags and the
+`GRUSERVE_*` environment variables are derived from these declarations (see `cli_config`),
+so adding a setting is one field here and nothing else.
+
+Naming: a field `num_slots` is the flag `--num-slots` (unless the declaration names another
+flag) and the environment variable `GRUSERVE_` + the flag upper-cased (`GRUSERVE_NUM_SLOTS`).
+Field names are unique across sections, so `ServerConfig.with_overrides(num_slots=32)` needs
+no section name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+MiB = 1 << 20
+ENV_PREFIX = "GRUSERVE_"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A setting out of range: `flag` names it (as the command line spells it)."""
+
+    def __init__(self, flag: str, reason: str) -> None:
+        super().__init__(f"{flag}: {reason}")
+        self.flag = flag
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Setting:
+    help: str
+    flag: str | None = None  # default: --<field name with dashes>
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    # False: programmatic only (a secret resolved elsewhere, a test switch): no flag, no env
+    cli: bool = True
+    metavar: str | None = None
+
+
+def setting(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"setting": Setting(help, **kwargs)})
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata["setting"].flag or "--" + f.name.replace("_", "-")
+
+
+def env_of(flag: str) -> str:
+    return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+
+
+def _check_bounds(section: Any) -> None:
+    """Every declared bound of a section, checked with one line naming the flag."""
+    for f in dataclasses.fields(section):
+        spec: Setting = f.metadata["setting"]
+        value = getattr(section, f.name)
+        if value is None:
+            continue
+        if spec.choices is not None and value not in spec.choices:
+            raise ConfigError(
+                flag_of(f), f"must be one of {', '.join(spec.choices)}, got {value!r}"
+            )
+        if spec.minimum is not None and value < spec.minimum:
+            raise ConfigError(flag_of(f), f"must be >= {spec.minimum:g}, got {value:g}")
+        if spec.maximum is not None and value > spec.maximum:
+            raise ConfigError(flag_of(f), f"must be <= {spec.maximum:g}, got {value:g}")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """ONNX Runtime sessions and the device they run on."""
+
+    device: str = setting(
+        "auto", "auto: CUDA if it works, else CPU (logged); cuda: fail if unavailable",
+        choices=DEVICES,
+    )
+    device_id: int = setting(0, "CUDA device ordinal", minimum=0)
+    # 0 lets ORT pick (one per physical core); the sessions run one after another in the
+    # decode thread, so they share the cores rather than multiply threads
+    intra_op_threads: int = setting(
+        0, "ORT intra-op threads (0 = one per core)", flag="--threads", minimum=0
+    )
+    cuda_graphs: bool = setting(
+        False, "capture decode steps as CUDA graphs, one per batch-size bucket (CUDA only; "
+        "off by default until measured on your GPU)",
+    )
+
+    def __post_init__(self) -> None:
+        _check_bounds(self)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The persistent batch: slots, the queue and the per-request ceilings they size."""
+
+    # a beam request takes num_beams slots
+    num_slots: int = setting(
+        256, "decode slots in the device state pool = most rows per step", minimum=1
+    )
+    max_batch_size: int = setting(
+        0, "slots in use at once, i.e. the most rows one step runs (0 = --num-slots)",
+        minimum=0,
+    )
+    max_queued: int = setting(
+        1024, "requests waiting for a slot before RESOURCE_EXHAUSTED", minimum=1
+    )
+    # bounds the extra latency a burst of arrivals adds to the requests already running
+    max_admit_per_step: int = setting(256, "new requests encoded per step", minimum=1)
+    # sizes the per-slot token buffers
+    max_tokens: int = setting(
+        64, "largest max_tokens a request may ask", flag="--max-tokens-limit", minimum=1
+    )
+    max_stop_tokens: int = setting(16, "most stop_token_ids one request may give", minimum=0)
+    max_beams: int = setting(8, "largest num_beams a beam request may ask", minimum=1)
+
+    def __post_init__(self) -> None:
+        _check_bounds(self)
+        if self.max_batch_size > self.num_slots:
+            raise ConfigError(
+                "--max-batch-size",
+                f"must be at most --num-slots ({self.num_slots}), got {self.max_batch_size}",
+            )
+
+    @property
+    def batch_limit(self) -> int:
+        return self.max_batch_size or self.num_slots
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Limits of the gRPC service itself (beyond what one request may ask)."""
+
+    max_batch_requests: int = setting(64, "most requests in one GenerateBatch call", minimum=1)
+    # a request is a few ids; a batch of 64 with raw states stays far below the default
+    max_message_bytes: int = setting(
+        4 * MiB, "largest request or response message in bytes (bigger: RESOURCE_EXHAUSTED)",
+        minimum=1024,
+    )
+
+    def __post_init__(self) -> None:
+        _check_bounds(self)
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Where the server listens and who may talk to it."""
+
+    host: str = setting(
+        "127.0.0.1", "bind address (127.0.0.1: this machine only; 0.0.0.0 for all)"
+    )
+    port: int = setting(
+        50051, "gRPC port (0 = any free one, printed at start)", minimum=0, maximum=65535
+    )
+    tls_cert: str | None = setting(None, "server certificate (PEM); enables TLS with --tls-key")
+    tls_key: str | None = setting(None, "server private key (PEM)")
+    tls_client_ca: str | None = setting(
+        None, "CA (PEM) that client certificates must chain to (mutual TLS)"
+    )
+    auth_token_file: str | None = setting(
+        None, "require 'authorization: Bearer <token>', the token read from this file"
+    )
+    auth_token_env: str | None = setting(
+        None, "...or from the environment variable of this name"
+    )
+    # the resolved token (from the file or variable above, or given by code); None: no auth
+    auth_token: str | None = setting(None, "bearer token", cli=False)
+    metrics_port: int | None = setting(
+        None, "serve Prometheus /metrics on this port (0 = any free one; unset: no endpoint)",
+        minimum=0, maximum=65535,
+    )
+    metrics_host: str = setting("127.0.0.1", "metrics bind address")
+
+    def __post_init__(self) -> None:
+        _check_bounds(self)
+        if self.tls_client_ca and not (self.tls_cert and self.tls_key):
+            raise ConfigError("--tls-client-ca", "needs --tls-cert and --tls-key")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert", "TLS needs both --tls-cert and --tls-key")
+        if self.auth_token_file and self.auth_token_env:
+            raise ConfigError(
+                "--auth-token-file",
+                "give the token in a file or an environment variable (--auth-token-env), "
+                "not both",
+            )
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """Start-up and shutdown."""
+
+    grace_s: float = setting(
+        10.0, "seconds in-flight requests get to finish on SIGTERM", flag="--grace", minimum=0
+    )
+    # a real request through every graph before SERVING, so the first client does not pay
+    warmup: bool = setting(True, "run one request through every graph before SERVING")
+
+    def __post_init__(self) -> None:
+        _check_bounds(self)
+
+
+_SECTIONS = {
+    "session": SessionConfig,
+    "scheduler": SchedulerConfig,
+    "service": ServiceConfig,
+    "transport": TransportConfig,
+    "lifecycle": LifecycleConfig,
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    session: SessionConfig = field(default_factory=SessionConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+
+    def with_overrides(self, **values: Any) -> ServerConfig:
+        """A copy with fields replaced by name, whatever section holds them."""
+        changes: dict[str, dict[str, Any]] = {}
+        owners = section_of_field()
+        for name, value in values.items():
+            if name not in owners:
+                raise TypeError(f"ServerConfig has no setting {name!r}")
+            changes.setdefault(owners[name], {})[name] = value
+        return dataclasses.replace(
+            self,
+            **{
+                section: dataclasses.replace(getattr(self, section), **fields)
+                for section, fields in changes.items()
+            },
+        )
+
+
+@functools.cache
+def section_of_field() -> dict[str, str]:
+    """field name -> the ServerConfig section that holds it."""
+    owners: dict[str, str] = {}
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in owners, f"setting {f.name} declared twice"
+            owners[f.name] = section
+    return owners
+
+
+def sections() -> dict[str, type]:
+    return dict(_SECTIONS)
+
+
+def field_type(cls: type, f: dataclasses.Field) -> type:
+    """The field's value type, with `X | None` unwrapped to X."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint

@@ -1,0 +1,90 @@
+"""EngineCore: the synchronous engine. One `step()` = schedule -> run the graphs -> update.
+
+It owns the scheduler and a runner (anything that satisfies `ModelRunner`), and knows
+nothing of threads, asyncio or gRPC: the threaded `Engine` drives it from its decode thread,
+tests drive it with a fake runner, benchmarks drive it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .bundle import ModelInfo
+from .config import SchedulerConfig
+from .model_runner import ModelRunner
+from .request_builder import RequestBuilder
+from .requests import Limits, Request, RequestOutput
+from .scheduler import Scheduler, StepPlan
+from .stats import StepStats
+
+
+@dataclass(frozen=True)
+class StepResult:
+    outputs: list[RequestOutput]  # finals of finished requests, deltas of streaming ones
+    stats: StepStats
+    plan: StepPlan  # what the step ran (for tests and debugging)
+
+
+class EngineCore:
+    def __init__(
+        self, runner: ModelRunner, info: ModelInfo, config: SchedulerConfig,
+        *, clock=time.monotonic,
+    ) -> None:
+        if not isinstance(runner, ModelRunner):
+            raise TypeError(f"{type(runner).__name__} does not implement ModelRunner")
+        if config.num_slots != runner.num_slots:
+            raise ValueError(
+                f"scheduler ({config.num_slots}) and runner ({runner.num_slots}) disagree on "
+                "the number of slots"
+            )
+        self.runner = runner
+        self.info = info
+        self.config = config
+        self.limits = Limits.of(
+            config, vocab_size=len(info.vocab), model_max_len=info.max_len,
+            sampling_top_k=runner.top_k,
+        )
+        self.requests = RequestBuilder(info, self.limits, can_write_states=runner.can_write_states)
+        self.scheduler = Scheduler(config, bos_id=info.bos_id, eos_id=info.eos_id, clock=clock)
+
+    def add(self, request: Request) -> None:
+        """Queues a built request; raises QueueFullError (or InvalidRequestError for one the
+        scheduler could never hold)."""
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> None:
+        """Aborted at the next step; its final output says ABORTED."""
+        self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> StepResult:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        ratings = None
+        if plan.encode is not None:
+            e = plan.encode
+            ratings = self.runner.encode(e.slots, e.users, e.items)
+        if plan.write_states is not None:
+            self.runner.write_states(*plan.write_states)
+        out = None
+        if plan.step is not None:
+            s = plan.step
+            out = self.runner.step(s.read_slots, s.write_slots, s.tokens, want_topk=s.want_topk)
+        outputs = self.scheduler.update(plan, ratings, out)
+        return StepResult(outputs, self._stats(plan, outputs, time.perf_counter() - t0), plan)
+
+    def _stats(self, plan: StepPlan, outputs: list[RequestOutput], seconds: float) -> StepStats:
+        scheduler = self.scheduler
+        return StepStats(
+            batch_size=0 if plan.step is None else int(plan.step.tokens.size),
+            num_admitted=plan.num_admitted,
+            step_seconds=seconds,
+            num_waiting=scheduler.num_waiting,
+            num_active_slots=scheduler.num_active_slots,
+            num_finished=sum(o.finished for o in outputs),
+            num_running=scheduler.num_running,
+            num_tokens=scheduler.num_tokens_last_step,
+        )

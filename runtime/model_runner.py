@@ -1,0 +1,52 @@
+"""The runner contract: what the engine core asks of whatever runs the graphs.
+
+`gruserve.runtime.runner.StepRunner` implements it with ONNX Runtime; tests and benchmarks
+pass doubles. The engine layer imports only this module, so it never imports onnxruntime.
+Every call is batch-shaped (arrays of slots, never one request), and slot states stay with
+the runner: only slot ids and token ids cross, and ratings and TopK candidates come back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    next_tokens: np.ndarray  # (B,) int64, the greedy choice
+    topk_logprobs: np.ndarray | None = None  # (B, K) float32, sampling graph only
+    topk_ids: np.ndarray | None = None  # (B, K) int64
+
+
+@runtime_checkable
+class ModelRunner(Protocol):
+    @property
+    def num_slots(self) -> int:
+        """Slots in the state pool; slot ids are 0..num_slots-1."""
+
+    @property
+    def top_k(self) -> int:
+        """K of the sampling step's candidates; 0 when there is no sampling graph."""
+
+    @property
+    def can_write_states(self) -> bool:
+        """Whether write_states works (the bundle has a state-writer graph)."""
+
+    def encode(self, slots: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Writes each (user, item)'s initial state into its slot; returns ratings (B,)."""
+
+    def write_states(self, slots: np.ndarray, states: np.ndarray) -> None:
+        """Writes caller-given initial states (B, H) into slots."""
+
+    def step(
+        self,
+        read_slots: np.ndarray,
+        write_slots: np.ndarray,
+        tokens: np.ndarray,
+        want_topk: bool = False,
+    ) -> StepOutput:
+        """One decode step for B rows: each row's state from read_slots[i], fed tokens[i],
+        its new state into write_slots[i]; TopK candidates only when want_topk."""

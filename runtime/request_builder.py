@@ -1,0 +1,154 @@
+"""From what a client asked for to a validated engine Request: the one validation layer.
+
+Every check of a request's fields happens here, against `Limits`; errors carry the field
+in the API's terms (`parameters.top_p`, `user_item.user_id`, `hidden_state`) and the reason,
+as attributes. Protocol front ends (gruserve.v1, the Open Inference Protocol) only convert.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import secrets
+
+import numpy as np
+
+from .bundle import ModelInfo
+from .errors import InvalidRequestError, NotFoundError
+from .requests import DecodingParams, Limits, Request, Strategy
+
+MAX_ABS_LENGTH_PENALTY = 10.0
+# the id goes into logs and error details: bounded and printable (no forged log lines)
+MAX_REQUEST_ID_LEN = 128
+
+
+def validate_params(params: DecodingParams, limits: Limits) -> DecodingParams:
+    """Checks every field against the limits; returns params with defaults resolved.
+
+    Raises InvalidRequestError naming the offending field (DecodingParams' own names).
+    """
+    for name, value in (
+        ("temperature", params.sampling.temperature),
+        ("top_p", params.sampling.top_p),
+        ("length_penalty", params.length_penalty),
+    ):
+        if not math.isfinite(value):
+            raise InvalidRequestError(name, "must be finite")
+    max_tokens = params.max_tokens or limits.default_max_tokens
+    if not 0 < max_tokens <= limits.max_tokens:
+        raise InvalidRequestError(
+            "max_tokens", f"must be in 1..{limits.max_tokens}, got {max_tokens}"
+        )
+    if not 0 <= params.min_tokens <= max_tokens:
+        raise InvalidRequestError(
+            "min_tokens", f"must be in 0..max_tokens ({max_tokens}), got {params.min_tokens}"
+        )
+    if len(params.stop_token_ids) > limits.max_stop_tokens:
+        raise InvalidRequestError("stop_token_ids", f"at most {limits.max_stop_tokens} ids")
+    for token in params.stop_token_ids:
+        if not 0 <= token < limits.vocab_size:
+            raise InvalidRequestError(
+                "stop_token_ids", f"{token} is outside the vocabulary (0..{limits.vocab_size - 1})"
+            )
+    needs_candidates = params.strategy in (Strategy.SAMPLE, Strategy.BEAM) or params.return_logprobs
+    needs_candidates = needs_candidates or params.min_tokens > 0
+    if needs_candidates and limits.sampling_top_k == 0:
+        raise InvalidRequestError(
+            "parameters", "this bundle has no sampling graph (sampling, beam, logprobs, min_tokens)"
+        )
+    if params.strategy is Strategy.SAMPLE:
+        params.sampling.validate(limits.sampling_top_k)
+    if params.strategy is Strategy.BEAM:
+        if not 1 <= params.num_beams <= limits.max_beams:
+            raise InvalidRequestError(
+                "num_beams", f"must be in 1..{limits.max_beams}, got {params.num_beams}"
+            )
+        # score / length ** length_penalty: a finite but huge exponent overflows or divides
+        # by zero inside the decode loop (seen killing it); sensible values lie well inside
+        if not abs(params.length_penalty) <= MAX_ABS_LENGTH_PENALTY:
+            raise InvalidRequestError(
+                "length_penalty",
+                f"must be in [-{MAX_ABS_LENGTH_PENALTY:g}, {MAX_ABS_LENGTH_PENALTY:g}], "
+                f"got {params.length_penalty:g}",
+            )
+    return DecodingParams(
+        strategy=params.strategy,
+        max_tokens=max_tokens,
+        min_tokens=params.min_tokens,
+        sampling=params.sampling,
+        num_beams=params.num_beams if params.strategy is Strategy.BEAM else 1,
+        length_penalty=params.length_penalty,
+        stop_token_ids=tuple(int(t) for t in params.stop_token_ids),
+        return_logprobs=params.return_logprobs,
+    )
+
+
+class RequestBuilder:
+    """Validates and resolves requests for one engine (its limits, its model's entities)."""
+
+    def __init__(self, info: ModelInfo, limits: Limits, *, can_write_states: bool) -> None:
+        self.info = info
+        self.limits = limits
+        self.can_write_states = can_write_states
+        self._serial = itertools.count(1)
+
+    def build(
+        self,
+        request_id: str,
+        params: DecodingParams,
+        *,
+        user_id: str | None = None,
+        item_id: str | None = None,
+        hidden_state: np.ndarray | None = None,
+        stream: bool = False,
+    ) -> Request:
+        """A validated Request; raises InvalidRequestError / NotFoundError naming the field."""
+        if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
+            raise InvalidRequestError(
+                "request_id", f"at most {MAX_REQUEST_ID_LEN} printable characters"
+            )
+        try:
+            params = validate_params(params, self.limits)
+        except InvalidRequestError as exc:
+            raise exc.with_prefix("parameters.") from None
+        client_id = request_id or secrets.token_hex(8)
+        # requests are keyed by the engine, not the client: two clients reusing an id (or a
+        # retry racing its original) must not collide
+        request = Request(
+            request_id=f"{client_id}#{next(self._serial)}", client_id=client_id,
+            params=params, stream=stream,
+        )
+        if hidden_state is not None:
+            request.hidden_state = self._state(hidden_state)
+        else:
+            request.user_index = self._entity("user", user_id, self.info.users)
+            request.item_index = self._entity("item", item_id, self.info.items)
+        if params.strategy is Strategy.SAMPLE:
+            seed = params.sampling.seed
+            request.seed = secrets.randbits(63) if seed is None else int(seed)
+        return request
+
+    def _state(self, hidden_state: np.ndarray) -> np.ndarray:
+        info = self.info
+        expected = info.num_layers * info.hidden_size
+        state = np.asarray(hidden_state, dtype=np.float32).reshape(-1)
+        if state.size != expected:
+            raise InvalidRequestError(
+                "hidden_state",
+                f"needs {expected} values (num_layers * hidden_size), got {state.size}",
+            )
+        if not np.isfinite(state).all():
+            raise InvalidRequestError("hidden_state", "values must be finite")
+        if not self.can_write_states:
+            raise InvalidRequestError("hidden_state", "this bundle cannot take raw states")
+        return state.reshape(info.hidden_size)
+
+    @staticmethod
+    def _entity(kind: str, external_id: str | None, index: dict[str, int]) -> int:
+        field = f"user_item.{kind}_id"
+        if not external_id:
+            raise InvalidRequestError(field, "required")
+        found = index.get(external_id)
+        if found is None:
+            raise NotFoundError(field, f"unknown {kind}_id {external_id!r}")
+        return found
