@@ -79,10 +79,17 @@ class Bundle:
     special_ids: dict[str, int]
     # numpy dtype name of the state pool every graph reads and writes ("float32", "float16")
     pool_dtype: str = "float32"
+    # the manifest's sha256: it hashes every other file, so it names this exact bundle
+    manifest_sha256: str = ""
 
     @property
     def name(self) -> str:
         return str(self.manifest.get("model_name", self.path.name))
+
+    @property
+    def version(self) -> str:
+        """A short id of this exact bundle (its manifest's hash): what a reload changes."""
+        return self.manifest_sha256[:12]
 
     @property
     def precision(self) -> str:
@@ -264,6 +271,7 @@ def load_bundle(path: str | Path) -> Bundle:
         items=tuple(str(i) for i in entities["items"]),
         special_ids=special_ids,
         pool_dtype=pool_dtype,
+        manifest_sha256=sha256_file(manifest_path),
     )
 
 

@@ -10,6 +10,7 @@ from .bundle import ModelInfo
 from .config import ServiceConfig
 from .engine import Engine
 from .errors import InvalidRequestError
+from .model_host import Served
 from .requests import DecodingParams, FinishReason, Request, RequestOutput, Strategy
 from .sampler import SamplingParams
 
@@ -110,8 +111,8 @@ def stream_response(
     return message
 
 
-def model_info(engine: Engine, *, provider: str, precision: str,
-               service: ServiceConfig) -> pb.GetModelInfoResponse:
+def model_info(served: Served, *, service: ServiceConfig) -> pb.GetModelInfoResponse:
+    engine = served.engine
     info, cfg, limits = engine.info, engine.info.model_config, engine.limits
     return pb.GetModelInfoResponse(
         model_name=info.name,
@@ -128,15 +129,16 @@ def model_info(engine: Engine, *, provider: str, precision: str,
         pad_id=info.pad_id,
         unk_id=info.unk_id,
         default_max_tokens=limits.default_max_tokens,
-        provider=provider,
+        provider=served.provider,
         max_slots=engine.config.num_slots,
         max_queued=engine.config.max_queued,
         sampling_top_k=limits.sampling_top_k,
         max_batch_requests=service.max_batch_requests,
-        precision=precision,
+        precision=served.bundle.precision,
         max_tokens=limits.max_tokens,
         max_beams=limits.max_beams,
         max_stop_tokens=limits.max_stop_tokens,
         accepts_hidden_state=bool(engine.runner.can_write_states),
         max_request_bytes=service.max_message_bytes,
+        bundle_version=served.version,
     )

@@ -44,6 +44,10 @@ class ServiceMetrics:
             "gruserve_generated_tokens", "Tokens generated (aborted requests' included)",
             registry=r,
         )
+        self.model = Gauge(
+            "gruserve_model_info", "The bundle being served: 1 for its model and version",
+            ["model", "bundle_version"], registry=r,
+        )
         self.queue_depth = Gauge("gruserve_queue_depth", "Requests waiting for a slot", registry=r)
         self.active_slots = Gauge("gruserve_active_slots", "Decode slots in use", registry=r)
         self.running = Gauge(
@@ -56,6 +60,11 @@ class ServiceMetrics:
             "gruserve_step_duration_seconds", "Wall time of one decode step (encode included)",
             buckets=_STEP_BUCKETS, registry=r,
         )
+
+    def set_model(self, name: str, version: str) -> None:
+        """The bundle being served (an info metric: 1 for the current one only)."""
+        self.model.clear()
+        self.model.labels(model=name, bundle_version=version).set(1)
 
     def observe_step(self, stats: StepStats) -> None:
         """Engine observer (decode thread); prometheus_client is thread-safe."""

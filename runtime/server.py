@@ -25,6 +25,7 @@ from .config import ServerConfig, TransportConfig
 from .core import EngineCore
 from .engine import Engine
 from .metrics import ServiceMetrics
+from .model_host import ModelHost, Served
 from .requests import DecodingParams
 from .runner import StepRunner
 from .servicer import SERVICE_NAME, GeneratorServicer, MalformedRequestInterceptor
@@ -84,20 +85,34 @@ class GruServer:
     """One serving process: call start(), then wait() or stop()."""
 
     def __init__(self, bundle: Bundle, config: ServerConfig | None = None) -> None:
-        self.bundle = bundle
         self.config = config = config or ServerConfig()
         self.metrics = ServiceMetrics()
-        self.engine = build_engine(bundle, config)
-        self.engine.observers.append(self.metrics.observe_step)
+        self.host = ModelHost(self._served(bundle))
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._watchdog: asyncio.Task | None = None
+        self._retiring: set[Engine] = set()  # replaced by a reload, finishing their requests
+        self._reload_lock = asyncio.Lock()
+
+    def _served(self, bundle: Bundle) -> Served:
+        engine = build_engine(bundle, self.config)
+        engine.observers.append(self.metrics.observe_step)
+        return Served(bundle, engine, provider=engine.runner.provider)
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.host.current.bundle
+
+    @property
+    def engine(self) -> Engine:
+        """The engine new requests go to."""
+        return self.host.current.engine
 
     @property
     def provider(self) -> str:
-        return self.engine.runner.provider
+        return self.host.current.provider
 
     async def start(self) -> int:
         """Binds, starts the engine, warms up, then reports SERVING; returns the bound port."""
@@ -111,10 +126,7 @@ class GruServer:
             )
         interceptors.append(MalformedRequestInterceptor(self.metrics))
         server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
-        servicer = GeneratorServicer(
-            self.engine, self.metrics, self.health, provider=self.provider,
-            precision=self.bundle.precision, service=config.service,
-        )
+        servicer = GeneratorServicer(self.host, self.metrics, self.health, service=config.service)
         pb_grpc.add_GeneratorServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -140,17 +152,19 @@ class GruServer:
                     transport.metrics_port, transport.metrics_host
                 )
             if config.lifecycle.warmup:
-                await self._warm_up()
+                await _warm_up(self.engine)
         except BaseException:
             await server.stop(None)
             await asyncio.to_thread(self.engine.stop)
             self.metrics.close()
             raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.set_model(self.bundle.name, self.bundle.version)
         self._watchdog = asyncio.create_task(self._watch_engine())
         log.info(
-            "serving %s on %s (provider %s, %d slots, %s%s%s)",
-            self.bundle.name, format_address(transport.host, self.port), self.provider,
+            "serving %s (bundle %s) on %s (provider %s, %d slots, %s%s%s)",
+            self.bundle.name, self.bundle.version, format_address(transport.host, self.port),
+            self.provider,
             config.scheduler.num_slots, "TLS" if credentials else "plaintext",
             ", mutual TLS" if transport.tls_client_ca else "",
             ", token auth" if transport.auth_token else "",
@@ -162,32 +176,56 @@ class GruServer:
             )
         return self.port
 
-    async def _warm_up(self) -> None:
-        """A real request through every graph (encoder, greedy and top-k steps, state
-        writer) before reporting SERVING, so the first client does not pay for it."""
-        info, engine = self.engine.info, self.engine
-        user, item = next(iter(info.users)), next(iter(info.items))
-        short = DecodingParams(max_tokens=2)
-        requests = [engine.make_request("warmup-greedy", short, user_id=user, item_id=item)]
-        if engine.limits.sampling_top_k:
-            topk = DecodingParams(max_tokens=2, return_logprobs=True)
-            requests.append(
-                engine.make_request("warmup-topk", topk, user_id=user, item_id=item)
-            )
-        if engine.runner.can_write_states:
-            zeros = np.zeros(info.num_layers * info.hidden_size, np.float32)
+    async def reload(self, bundle_path: str | Path | None = None) -> bool:
+        """Loads and checks the bundle directory again beside the running one; if it
+        changed, new requests go to a new engine once it is warmed up, while in-flight ones
+        finish on the old, which is then stopped. A bundle that fails to load, build or warm
+        up is refused with one log line and the old one keeps serving. Returns whether the
+        served bundle changed."""
+        path = Path(bundle_path or self.bundle.path)
+        async with self._reload_lock:
+            current = self.host.current
             try:
-                requests.append(engine.make_request("warmup-state", short, hidden_state=zeros))
-            except Exception:  # noqa: BLE001 - an optional graph must not block serving
-                log.warning("raw hidden-state requests fail on this bundle", exc_info=True)
-        for request in requests:  # one at a time: max_queued may be 1
-            await engine.submit(request).result()
-        log.debug("warm-up done")
+                bundle = await asyncio.to_thread(load_bundle, path)
+                if bundle.version == current.version:
+                    log.info("reload: %s unchanged (bundle %s)", path, bundle.version)
+                    return False
+                served = await asyncio.to_thread(self._served, bundle)
+                served.engine.start()
+                try:
+                    if self.config.lifecycle.warmup:
+                        await _warm_up(served.engine)
+                except BaseException:
+                    await asyncio.to_thread(served.engine.stop)
+                    raise
+            except Exception as exc:  # noqa: BLE001 - a bad bundle must not stop serving
+                log.error(
+                    "reload refused, still serving bundle %s: %s", current.version,
+                    _one_line(exc),
+                )
+                return False
+            old = self.host.swap(served)
+            self.metrics.set_model(bundle.name, bundle.version)
+            log.info("reloaded %s: bundle %s -> %s", path, old.version, bundle.version)
+            self._retiring.add(old.engine)
+            asyncio.create_task(self._retire(old.engine))
+            return True
+
+    async def _retire(self, engine: Engine) -> None:
+        """Stops a replaced engine once its in-flight requests are done (or shutdown
+        stops it first): two engines exist only while the old one drains."""
+        while engine.num_in_flight and engine in self._retiring:
+            await asyncio.sleep(0.02)
+        if engine in self._retiring:
+            self._retiring.discard(engine)
+            await asyncio.to_thread(engine.stop)
+            log.debug("replaced engine stopped")
 
     async def _watch_engine(self) -> None:
         while self.engine.healthy:
             await asyncio.sleep(0.5)
-        log.error("engine stopped serving (%s): health NOT_SERVING", self.engine.error)
+        engine = self.engine
+        log.error("engine stopped serving (%s): health NOT_SERVING", engine.error)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_health(self, status) -> None:
@@ -206,7 +244,9 @@ class GruServer:
             # cancelled (which aborts their engine requests)
             await self._server.stop(grace)
         # joining the decode thread may wait for a running step: off the event loop
-        await asyncio.to_thread(self.engine.stop)
+        engines, self._retiring = [self.engine, *self._retiring], set()
+        for engine in engines:
+            await asyncio.to_thread(engine.stop)
         self.metrics.close()
         log.info("stopped")
 
@@ -215,8 +255,35 @@ class GruServer:
             await self._server.wait_for_termination()
 
 
+async def _warm_up(engine: Engine) -> None:
+    """A real request through every graph (encoder, greedy and top-k steps, state writer)
+    before an engine takes traffic, so the first client does not pay for it."""
+    info = engine.info
+    user, item = next(iter(info.users)), next(iter(info.items))
+    short = DecodingParams(max_tokens=2)
+    requests = [engine.make_request("warmup-greedy", short, user_id=user, item_id=item)]
+    if engine.limits.sampling_top_k:
+        topk = DecodingParams(max_tokens=2, return_logprobs=True)
+        requests.append(engine.make_request("warmup-topk", topk, user_id=user, item_id=item))
+    if engine.runner.can_write_states:
+        zeros = np.zeros(info.num_layers * info.hidden_size, np.float32)
+        try:
+            requests.append(engine.make_request("warmup-state", short, hidden_state=zeros))
+        except Exception:  # noqa: BLE001 - an optional graph must not block serving
+            log.warning("raw hidden-state requests fail on this bundle", exc_info=True)
+    for request in requests:  # one at a time: max_queued may be 1
+        await engine.submit(request).result()
+    log.debug("warm-up done")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 async def serve_forever(bundle_path: str | Path, config: ServerConfig) -> int:
     """Runs until SIGTERM/SIGINT; returns the process exit code (0 after a clean drain).
+    SIGHUP reloads the bundle directory (GruServer.reload).
 
     Prints one line, `gruserve: serving BUNDLE on HOST:PORT`, once health is SERVING: with
     --port 0 it is how a supervisor (or a test) learns the port.
@@ -224,16 +291,30 @@ async def serve_forever(bundle_path: str | Path, config: ServerConfig) -> int:
     bundle = load_bundle(bundle_path)
     server = GruServer(bundle, config)
     stop = asyncio.Event()
+    started = asyncio.Event()
     loop = asyncio.get_running_loop()
     received: list[str] = []
+    reloads: set[asyncio.Task] = set()
 
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig.name)
         stop.set()
 
-    # installed before start(): a SIGTERM during warm-up also ends in a clean stop
+    def on_hangup() -> None:
+        if not started.is_set() or stop.is_set():
+            log.warning("SIGHUP ignored: the server is %s", "stopping" if stop.is_set()
+                        else "still starting")
+            return
+        log.info("SIGHUP received: reloading %s", bundle.path)
+        task = asyncio.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    # installed before start(): a SIGTERM during warm-up also ends in a clean stop, and a
+    # SIGHUP then is logged instead of killing the process (its default action)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await server.start()
         print(
@@ -241,12 +322,13 @@ async def serve_forever(bundle_path: str | Path, config: ServerConfig) -> int:
             f"{format_address(config.transport.host, server.port)}",
             flush=True,
         )
+        started.set()
         await stop.wait()
         log.info(
             "%s received: draining (grace %.1fs)", received[0], config.lifecycle.grace_s
         )
         await server.stop()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return 0

@@ -22,7 +22,7 @@ from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
 from . import convert
 from .config import ServiceConfig
-from .engine import Engine, RequestHandle
+from .engine import RequestHandle
 from .errors import (
     EngineDeadError,
     GruserveError,
@@ -31,6 +31,7 @@ from .errors import (
     RequestError,
 )
 from .metrics import ServiceMetrics
+from .model_host import ModelHost, Served
 from .request_builder import MAX_REQUEST_ID_LEN
 from .requests import FinishReason, Request, RequestOutput
 from .status import status_for
@@ -65,9 +66,13 @@ def _early_end_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 
 
 class _RpcScope:
-    """Tracks the engine requests of one RPC so that an early end aborts all of them."""
+    """Tracks the engine requests of one RPC so that an early end aborts all of them. The
+    RPC uses the engine that was current when it started, for its whole life (a reload
+    sends only new RPCs to a new engine)."""
 
-    def __init__(self) -> None:
+    def __init__(self, served: Served) -> None:
+        self.served = served
+        self.engine = served.engine
         self.handles: list[RequestHandle] = []
         self.request_ids: list[str] = []  # for the logs, known before the engine has a handle
         self.closed = False
@@ -93,24 +98,20 @@ async def _all_results(handles: list[RequestHandle]) -> list[RequestOutput]:
 class GeneratorServicer(pb_grpc.GeneratorServicer):
     def __init__(
         self,
-        engine: Engine,
+        host: ModelHost,
         metrics: ServiceMetrics,
         health_servicer: health.aio.HealthServicer | None = None,
         *,
-        provider: str,
-        precision: str,
         service: ServiceConfig,
     ) -> None:
-        self.engine = engine
+        self.host = host
         self.metrics = metrics
         self.health = health_servicer
-        self.provider = provider
-        self.precision = precision
         self.service = service
 
     @contextlib.asynccontextmanager
     async def _guard(self, rpc: str, context: grpc.aio.ServicerContext):
-        scope = _RpcScope()
+        scope = _RpcScope(self.host.current)
         code = None
         try:
             yield scope
@@ -158,13 +159,13 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             if not rid.isprintable():
                 rid = rid.encode("unicode_escape").decode("ascii")
             scope.request_ids.append(rid)
-        request = convert.engine_request(self.engine, message, stream=stream)
+        request = convert.engine_request(scope.engine, message, stream=stream)
         if not message.request_id:
             scope.request_ids.append(request.client_id)
         return request
 
     def _submit(self, scope: _RpcScope, request: Request) -> RequestHandle:
-        handle = self.engine.submit(request)
+        handle = scope.engine.submit(request)
         scope.handles.append(handle)
         return handle
 
@@ -184,7 +185,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         async with self._guard("Generate", context) as scope:
             handle = self._submit(scope, self._prepare(scope, request, stream=False))
             output = self._finished(await handle.result())
-            return convert.generate_response(output, self.engine.info)
+            return convert.generate_response(output, scope.engine.info)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         async with self._guard("GenerateStream", context) as scope:
@@ -195,7 +196,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             async for delta in handle:
                 if delta.finished:
                     self._finished(delta)
-                await context.write(convert.stream_response(delta, self.engine.info, first=first))
+                await context.write(convert.stream_response(delta, scope.engine.info, first=first))
                 first = False
 
     async def GenerateBatch(
@@ -220,7 +221,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             outputs = await _all_results(handles)
             return pb.GenerateBatchResponse(
                 responses=[
-                    convert.generate_response(self._finished(o), self.engine.info)
+                    convert.generate_response(self._finished(o), scope.engine.info)
                     for o in outputs
                 ]
             )
@@ -228,11 +229,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ):
-        async with self._guard("GetModelInfo", context):
-            return convert.model_info(
-                self.engine, provider=self.provider, precision=self.precision,
-                service=self.service,
-            )
+        async with self._guard("GetModelInfo", context) as scope:
+            return convert.model_info(scope.served, service=self.service)
 
 
 class _Malformed:
