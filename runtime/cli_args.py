@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+DEFAULT_TARGET = "127.0.0.1:50051"
+
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--target", default="127.0.0.1:50051",
-                   help="server HOST:PORT (default %(default)s)")
+    g.add_argument("--target", action="append", metavar="TARGET",
+                   help=f"server HOST:PORT (default {DEFAULT_TARGET}); repeat it or separate "
+                   "with commas for several replicas, or give a gRPC URI such as "
+                   "dns:///NAME:PORT: calls are spread round-robin and idempotent ones "
+                   "retried on another replica when one is UNAVAILABLE")
     g.add_argument("--tls", action="store_true",
                    help="use TLS, verifying the server against the system's CAs")
     g.add_argument("--tls-ca", help="CA certificate (PEM) to verify the server; enables TLS")
@@ -23,10 +28,11 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
 
 def connection_from_args(args: argparse.Namespace):
     from .auth import load_token
+    from .balancing import join_targets
     from .client import Connection
 
     return Connection(
-        target=args.target, root_ca=args.tls_ca, client_cert=args.tls_cert,
+        target=join_targets(args.target or [DEFAULT_TARGET]), root_ca=args.tls_ca, client_cert=args.tls_cert,
         client_key=args.tls_key, server_name=args.tls_server_name, tls=args.tls,
         token=load_token(args.token_file, args.token_env),
     )

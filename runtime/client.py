@@ -9,6 +9,11 @@ the load-test harness.
         async for chunk in client.stream(user="u1", item="i7", strategy="sample", seed=3):
             print(chunk.text, end="")
 
+A target may name several replicas (`"10.0.0.5:50051,10.0.0.6:50051"`, or
+`"dns:///gruserve-headless:50051"` for a Kubernetes headless Service): calls are spread
+round-robin, and an idempotent call (greedy, beam, seeded sampling) that meets UNAVAILABLE
+is retried on another replica (see balancing.py).
+
 Errors arrive as grpc.RpcError (sync) / grpc.aio.AioRpcError (async) with .code() and
 .details(); see docs/api.md for what each status code means.
 """
@@ -28,6 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gruserve.v1 import gruserve_pb2 as pb
 from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
+from .balancing import channel_target, is_idempotent, join_targets, service_config
+
 STRATEGIES = {
     "greedy": pb.DECODING_STRATEGY_GREEDY,
     "sample": pb.DECODING_STRATEGY_SAMPLE,
@@ -39,8 +46,10 @@ STRATEGIES = {
 class Connection:
     """Where and how to connect.
 
-    TLS when `tls` is set (system CAs) or a CA or client certificate is given; mutual TLS
-    with client_cert + client_key; `authorization: Bearer <token>` on every call if token.
+    `target`: HOST:PORT, several of them separated by commas, or a gRPC target URI such as
+    dns:///NAME:PORT (see balancing.py). TLS when `tls` is set (system CAs) or a CA or
+    client certificate is given; mutual TLS with client_cert + client_key;
+    `authorization: Bearer <token>` on every call if token.
     """
 
     target: str
@@ -70,29 +79,34 @@ class Connection:
             certificate_chain=read(self.client_cert),
         )
 
-    def options(self) -> list:
+    def options(self, *, retry: bool = True) -> list:
+        """Channel options; `retry`: the service config retries UNAVAILABLE."""
+        where = channel_target(self.target)
         opts = [
+            ("grpc.service_config", service_config(retry=retry, health_check=where.balanced)),
             ("grpc.max_receive_message_length", 16 << 20),
             # a ping every 60 s on a busy connection finds a dead server; the server allows
             # one every 10 s, so this never earns a GOAWAY (too_many_pings)
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
         ]
+        if where.authority:
+            opts.append(("grpc.default_authority", where.authority))
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
         return opts
 
-    def channel(self) -> grpc.Channel:
+    def channel(self, *, retry: bool = True) -> grpc.Channel:
+        target, options = channel_target(self.target).target, self.options(retry=retry)
         if self.secure:
-            return grpc.secure_channel(self.target, self.credentials(), options=self.options())
-        return grpc.insecure_channel(self.target, options=self.options())
+            return grpc.secure_channel(target, self.credentials(), options=options)
+        return grpc.insecure_channel(target, options=options)
 
-    def aio_channel(self) -> grpc.aio.Channel:
+    def aio_channel(self, *, retry: bool = True) -> grpc.aio.Channel:
+        target, options = channel_target(self.target).target, self.options(retry=retry)
         if self.secure:
-            return grpc.aio.secure_channel(
-                self.target, self.credentials(), options=self.options()
-            )
-        return grpc.aio.insecure_channel(self.target, options=self.options())
+            return grpc.aio.secure_channel(target, self.credentials(), options=options)
+        return grpc.aio.insecure_channel(target, options=options)
 
     def metadata(self) -> tuple:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
@@ -148,15 +162,49 @@ def _status_name(reply: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-class GruserveClient:
+def as_connection(target: str | Sequence[str] | Connection) -> Connection:
+    """A Connection from one target, several (joined), or a Connection."""
+    if isinstance(target, Connection):
+        return target
+    return Connection(target if isinstance(target, str) else join_targets(list(target)))
+
+
+class _StubChoice:
+    """`stub` retries UNAVAILABLE; a call that must not be sent twice (sampling without a
+    seed: a second attempt may have been computed and its answer lost) goes through a
+    second channel that never retries, opened on first use."""
+
+    connection: Connection
+    stub: pb_grpc.GeneratorStub
+    _once_channel = None
+    _once_stub: pb_grpc.GeneratorStub | None = None
+
+    def _open(self, *, retry: bool):
+        raise NotImplementedError
+
+    def _stub_for(self, *requests: pb.GenerateRequest) -> pb_grpc.GeneratorStub:
+        if all(is_idempotent(r) for r in requests):
+            return self.stub
+        if self._once_stub is None:
+            self._once_channel = self._open(retry=False)
+            self._once_stub = pb_grpc.GeneratorStub(self._once_channel)
+        return self._once_stub
+
+
+class GruserveClient(_StubChoice):
     """Blocking client. Methods take build_request's keyword arguments."""
 
-    def __init__(self, target: str | Connection, timeout: float | None = 30.0) -> None:
-        self.connection = target if isinstance(target, Connection) else Connection(target)
-        self.channel = self.connection.channel()
+    def __init__(
+        self, target: str | Sequence[str] | Connection, timeout: float | None = 30.0
+    ) -> None:
+        self.connection = as_connection(target)
+        self.channel = self._open(retry=True)
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
+
+    def _open(self, *, retry: bool) -> grpc.Channel:
+        return self.connection.channel(retry=retry)
 
     def __enter__(self) -> GruserveClient:
         return self
@@ -166,6 +214,8 @@ class GruserveClient:
 
     def close(self) -> None:
         self.channel.close()
+        if self._once_channel is not None:
+            self._once_channel.close()
 
     def _kw(self, timeout):
         return {"timeout": self.timeout if timeout is None else timeout,
@@ -178,7 +228,7 @@ class GruserveClient:
     def generate_request(
         self, request: pb.GenerateRequest, timeout: float | None = None
     ) -> pb.GenerateResponse:
-        return self.stub.Generate(request, **self._kw(timeout))
+        return self._stub_for(request).Generate(request, **self._kw(timeout))
 
     def stream(self, timeout: float | None = None, **kwargs) -> Iterator[pb.GenerateStreamResponse]:
         """GenerateStream; iterate the result for chunks, call .cancel() on it to stop."""
@@ -187,7 +237,7 @@ class GruserveClient:
     def stream_request(
         self, request: pb.GenerateRequest, timeout: float | None = None
     ) -> Iterator[pb.GenerateStreamResponse]:
-        return self.stub.GenerateStream(request, **self._kw(timeout))
+        return self._stub_for(request).GenerateStream(request, **self._kw(timeout))
 
     def generate_batch(
         self,
@@ -195,10 +245,8 @@ class GruserveClient:
         timeout: float | None = None,
     ) -> pb.GenerateBatchResponse:
         """GenerateBatch; each item a GenerateRequest or a dict of build_request's kwargs."""
-        return self.stub.GenerateBatch(
-            pb.GenerateBatchRequest(requests=[as_request(r) for r in requests]),
-            **self._kw(timeout),
-        )
+        batch = pb.GenerateBatchRequest(requests=[as_request(r) for r in requests])
+        return self._stub_for(*batch.requests).GenerateBatch(batch, **self._kw(timeout))
 
     def model_info(self, timeout: float | None = None) -> pb.GetModelInfoResponse:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout))
@@ -224,15 +272,20 @@ class GruserveClient:
             time.sleep(0.1)
 
 
-class AsyncGruserveClient:
+class AsyncGruserveClient(_StubChoice):
     """asyncio client with the same methods; create and use it inside a running loop."""
 
-    def __init__(self, target: str | Connection, timeout: float | None = 30.0) -> None:
-        self.connection = target if isinstance(target, Connection) else Connection(target)
-        self.channel = self.connection.aio_channel()
+    def __init__(
+        self, target: str | Sequence[str] | Connection, timeout: float | None = 30.0
+    ) -> None:
+        self.connection = as_connection(target)
+        self.channel = self._open(retry=True)
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
+
+    def _open(self, *, retry: bool) -> grpc.aio.Channel:
+        return self.connection.aio_channel(retry=retry)
 
     async def __aenter__(self) -> AsyncGruserveClient:
         return self
@@ -242,6 +295,8 @@ class AsyncGruserveClient:
 
     async def close(self) -> None:
         await self.channel.close()
+        if self._once_channel is not None:
+            await self._once_channel.close()
 
     def _kw(self, timeout):
         return {"timeout": self.timeout if timeout is None else timeout,
@@ -253,7 +308,7 @@ class AsyncGruserveClient:
     async def generate_request(
         self, request: pb.GenerateRequest, timeout: float | None = None
     ) -> pb.GenerateResponse:
-        return await self.stub.Generate(request, **self._kw(timeout))
+        return await self._stub_for(request).Generate(request, **self._kw(timeout))
 
     def stream(
         self, timeout: float | None = None, **kwargs
@@ -264,17 +319,15 @@ class AsyncGruserveClient:
     def stream_request(
         self, request: pb.GenerateRequest, timeout: float | None = None
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        return self.stub.GenerateStream(request, **self._kw(timeout))
+        return self._stub_for(request).GenerateStream(request, **self._kw(timeout))
 
     async def generate_batch(
         self,
         requests: Sequence[pb.GenerateRequest | Mapping[str, Any]],
         timeout: float | None = None,
     ) -> pb.GenerateBatchResponse:
-        return await self.stub.GenerateBatch(
-            pb.GenerateBatchRequest(requests=[as_request(r) for r in requests]),
-            **self._kw(timeout),
-        )
+        batch = pb.GenerateBatchRequest(requests=[as_request(r) for r in requests])
+        return await self._stub_for(*batch.requests).GenerateBatch(batch, **self._kw(timeout))
 
     async def model_info(self, timeout: float | None = None) -> pb.GetModelInfoResponse:
         return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout))

@@ -178,6 +178,18 @@ class TransportConfig:
         minimum=0, maximum=65535,
     )
     metrics_host: str = setting("127.0.0.1", "metrics bind address")
+    # long-lived client channels re-resolve (a headless Service) only when a connection
+    # closes: an age makes them find replicas added since. The grace covers the client's
+    # default 30 s deadline, so no call is cut by the age.
+    max_connection_age_s: float = setting(
+        120.0, "close client connections after about this many seconds (grpc adds +-10%% "
+        "jitter), so long-lived clients re-resolve and spread onto replicas added since; "
+        "0 = never", flag="--max-connection-age", minimum=0, metavar="SECONDS",
+    )
+    max_connection_age_grace_s: float = setting(
+        30.0, "seconds calls in flight on a connection closed for its age get to finish",
+        flag="--max-connection-age-grace", minimum=0, metavar="SECONDS",
+    )
 
     def __post_init__(self) -> None:
         _check_bounds(self)

@@ -43,7 +43,15 @@ def build_engine(bundle: Bundle, config: ServerConfig) -> Engine:
 
 def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     max_bytes = config.service.max_message_bytes
-    return [
+    transport = config.transport
+    age = []
+    if transport.max_connection_age_s > 0:
+        age = [
+            ("grpc.max_connection_age_ms", max(1, round(transport.max_connection_age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms",
+             round(transport.max_connection_age_grace_s * 1000)),
+        ]
+    return age + [
         # a bigger request is refused with RESOURCE_EXHAUSTED before it is parsed
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
