@@ -102,6 +102,21 @@ def test_tls_accepts_a_client_trusting_the_ca_and_refuses_others(tiny_bundle_dir
         _refused(Connection(f"127.0.0.1:{port}"), pair)
 
 
+def test_tls_over_several_replicas_checks_the_first_targets_name(tiny_bundle_dir, certs, pair):
+    tls = dict(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"),
+               metrics_port=0)
+    with running_server(tiny_bundle_dir, **tls) as a, running_server(tiny_bundle_dir, **tls) as b:
+        # the certificate names localhost: the address list is verified against that name
+        targets = f"localhost:{a.server.port},localhost:{b.server.port}"
+        with GruserveClient(Connection(targets, root_ca=str(certs / "ca.pem"))) as client:
+            for _ in range(10):
+                assert client.generate(**pair, max_tokens=2).token_ids
+        for replica in (a, b):
+            assert replica.metrics()[
+                ("gruserve_requests_total", (("code", "OK"), ("rpc", "Generate")))
+            ] >= 2
+
+
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(tiny_bundle_dir, certs, pair):
     mtls = dict(
         tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"),
