@@ -32,8 +32,9 @@ def connection_from_args(args: argparse.Namespace):
     from .client import Connection
 
     return Connection(
-        target=join_targets(args.target or [DEFAULT_TARGET]), root_ca=args.tls_ca, client_cert=args.tls_cert,
-        client_key=args.tls_key, server_name=args.tls_server_name, tls=args.tls,
+        target=join_targets(args.target or [DEFAULT_TARGET]), root_ca=args.tls_ca,
+        client_cert=args.tls_cert, client_key=args.tls_key, server_name=args.tls_server_name,
+        tls=args.tls,
         token=load_token(args.token_file, args.token_env),
     )
 

@@ -12,7 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from gruserve.runtime.balancing import channel_target, is_idempotent, join_targets
-from gruserve.runtime.cli import build_parser, connection_from_args
+from gruserve.runtime.cli import build_parser
+from gruserve.runtime.cli_args import connection_from_args
 from gruserve.runtime.client import GruserveClient, build_request
 
 from .serving import WAIT_S, ServerThread, running_server, wait_for

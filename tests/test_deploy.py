@@ -1,12 +1,13 @@
 """The Kubernetes manifests and the Dockerfile agree with the code and with each other:
-every GRUSERVE_* setting is a serve flag whose value parses, every selector reaches the pods,
-probes ask grpc.health.v1 on the gRPC port, the termination grace covers the drain, and the
-HPA's metrics are gauges the server exports. (`make deploy-check` validates the manifests
-against the Kubernetes schemas and lints the Dockerfile.)"""
+every GRUSERVE_* setting is a serve variable and the pod's configuration builds from them,
+every selector reaches the pods, probes ask grpc.health.v1 on the gRPC port, the termination
+grace covers the drain, and the HPA's metrics are gauges the server exports.
+(`make deploy-check` validates the manifests against the Kubernetes schemas and lints the
+Dockerfile.)"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import re
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pytest
 import yaml
 
 from gruserve.runtime.cli import build_parser
+from gruserve.runtime.cli_config import config_from_args
+from gruserve.runtime.config import env_of, flag_of, sections
 from gruserve.runtime.metrics import ServiceMetrics
 from gruserve.runtime.servicer import SERVICE_NAME
 
@@ -21,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
 VARIANTS = ("cpu", "gpu")
 # settings the manifests already carry for flags being added elsewhere
-PENDING_FLAGS = {"--shutdown-delay": "issue 18 (SIGTERM drain)"}
+PENDING_VARIABLES = {"GRUSERVE_SHUTDOWN_DELAY": "issue 18 (SIGTERM drain)"}
 
 
 def _load(folder: str, pattern: str = "*.yaml") -> list[dict]:
@@ -59,30 +62,30 @@ def _settings(base, variant: str) -> dict[str, str]:
     return {**config["data"], **{e["name"]: e["value"] for e in container.get("env", [])}}
 
 
-def _serve_parser() -> argparse.ArgumentParser:
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return subparsers.choices["serve"]
+def _variables() -> set[str]:
+    """The GRUSERVE_* variable of every serve setting."""
+    return {
+        env_of(flag_of(f)) for cls in sections().values() for f in dataclasses.fields(cls)
+        if f.metadata["setting"].cli
+    }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_setting_is_a_serve_flag_and_parses(base, variant):
-    serve = _serve_parser()
-    flags = {s for a in serve._actions for s in a.option_strings}
+def test_every_setting_is_a_serve_variable_and_the_config_builds(base, variant):
+    settings = _settings(base, variant)
+    known = _variables()
+    for name in settings:
+        assert name in known or name in PENDING_VARIABLES, f"gruserve serve has no ${name}"
     argv = list(_container(variant)["args"])
     assert argv[0] == "serve"
-    for name, value in _settings(base, variant).items():
-        assert name.startswith("GRUSERVE_"), name
-        flag = "--" + name.removeprefix("GRUSERVE_").lower().replace("_", "-")
-        if flag in flags:
-            argv.append(f"{flag}={value}")
-        else:
-            assert flag in PENDING_FLAGS, f"{name}: gruserve serve has no {flag}"
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit:
-        pytest.fail(f"gruserve {' '.join(argv)} does not parse")
-    assert args.host == "0.0.0.0" and args.auth_token_file
+    # what `gruserve serve` builds in the pod: its args over the variables over the defaults
+    config = config_from_args(build_parser().parse_args(argv), environ=settings)
+    assert (config.transport.host, config.transport.port) == ("0.0.0.0", 50051)
+    assert config.transport.auth_token_file == "/etc/gruserve/auth/token"
+    assert config.lifecycle.grace_s == float(settings["GRUSERVE_GRACE"])
+    assert config.scheduler.num_slots == int(settings["GRUSERVE_NUM_SLOTS"])
+    assert config.transport.max_connection_age_s == float(settings["GRUSERVE_MAX_CONNECTION_AGE"])
+    assert config.session.device == {"cpu": "cpu", "gpu": "cuda"}[variant]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
