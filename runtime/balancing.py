@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from gruserve.v1 import gruserve_pb2 as pb
 
-SERVICE = "gruserve.v1.Generator"
+SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # gruserve.v1.Generator
 _URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
 # Up to 5 attempts (grpc's ceiling) over ~1.5 s of backoff: long enough for a killed
@@ -39,9 +39,9 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-# A retry spends a token, a success earns 0.1; below half of maxTokens retries stop, so a
-# fleet that is down is not hammered by retries. 100 lets ~50 calls in flight on a replica
-# that dies all be retried.
+# A failed attempt spends a token, a success earns 0.1; below half of maxTokens retries
+# stop, so a fleet that is down is not hammered by retries. 100 lets the ~50 calls in flight
+# on a replica that dies all be retried.
 RETRY_THROTTLING = {"maxTokens": 100, "tokenRatio": 0.1}
 
 
