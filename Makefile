@@ -57,9 +57,18 @@ deploy-check: $(DEPLOY_TOOLS)
 	done
 	$(BIN)/python -m pytest -q tests/test_deploy.py
 
+OIP_PB2 := protos/gruserve/inference/grpc_service_pb2.py
+
+# The Open Inference Protocol's code registers in a descriptor pool of its own, not the
+# process-wide default: tritonclient (and KServe, MLServer) register the same `inference.*`
+# names from their own copies, and the default pool refuses a second definition.
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
-		--grpc_python_out=protos protos/gruserve/v1/gruserve.proto
+		--grpc_python_out=protos protos/gruserve/v1/gruserve.proto \
+		protos/gruserve/inference/grpc_service.proto
+	sed -i 's/_descriptor_pool\.Default()\.AddSerializedFile/_descriptor_pool.DescriptorPool().AddSerializedFile/' \
+		$(OIP_PB2)
+	grep -q '_descriptor_pool.DescriptorPool().AddSerializedFile' $(OIP_PB2)
 
 bench: setup
 	$(BIN)/python bench/graphs.py
