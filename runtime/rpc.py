@@ -1,0 +1,172 @@
+"""What every protocol front end does around an RPC, whatever its protobuf: one guard.
+
+`ServicerBase._guard` maps the runtime's errors to status codes via status.status_for (the
+single table), counts the outcome in `gruserve_requests{rpc, code}`, reports a dead engine
+(health NOT_SERVING), and aborts the engine requests of an RPC that ends early for any
+reason (client cancel, disconnect, deadline): their slots are freed at the next step
+boundary. gruserve.v1 (servicer.py) and the Open Inference Protocol (oip_servicer.py) both
+build on it; neither knows the other's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from .engine import RequestHandle
+from .errors import EngineDeadError, GruserveError, RequestAbortedError
+from .metrics import ServiceMetrics
+from .model_host import ModelHost, Served
+from .request_builder import MAX_REQUEST_ID_LEN
+from .requests import FinishReason, Request, RequestOutput
+from .status import status_for
+
+log = logging.getLogger(__name__)
+
+# error details travel in HTTP/2 trailers: an echoed 1 MB id must not blow the header limit
+MAX_DETAILS_CHARS = 400
+
+# A client whose deadline passes cancels the call itself, and its cancel can reach us just
+# before our own copy of the deadline (which started when the request arrived) runs out
+DEADLINE_SLACK_S = 0.25
+
+# how an error leaves: (status code, details) -> sent; the default aborts the RPC
+ErrorSink = Callable[[grpc.StatusCode, str], Awaitable[None]]
+
+
+def details_of(error: BaseException) -> str:
+    text = str(error)
+    if len(text) > MAX_DETAILS_CHARS:
+        text = text[: MAX_DETAILS_CHARS - 3] + "..."
+    return text
+
+
+def loggable_id(request_id: str) -> str:
+    """A client's id for the logs before it is validated: bounded, and escaped so that it
+    cannot forge log lines."""
+    rid = request_id[:MAX_REQUEST_ID_LEN]
+    if not rid.isprintable():
+        rid = rid.encode("unicode_escape").decode("ascii")
+    return rid
+
+
+def _early_end_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why an RPC was cancelled under us (for the metrics; the client already knows): its
+    deadline passed, or the client went away."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+class RpcScope:
+    """Tracks the engine requests of one RPC so that an early end aborts all of them. The
+    RPC uses the engine that was current when it started, for its whole life (a reload
+    sends only new RPCs to a new engine)."""
+
+    def __init__(self, served: Served) -> None:
+        self.served = served
+        self.engine = served.engine
+        self.handles: list[RequestHandle] = []
+        self.request_ids: list[str] = []  # for the logs, known before the engine has a handle
+        self.closed = False
+
+    def ids(self) -> str:
+        return ",".join(self.request_ids) or "-"
+
+    def abort_unfinished(self) -> None:
+        for handle in self.handles:
+            handle.abort()
+
+
+async def all_results(handles: list[RequestHandle]) -> list[RequestOutput]:
+    """Every handle's result in order; the first failure ends the wait for all of them."""
+    tasks = [asyncio.ensure_future(h.result()) for h in handles]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class ServicerBase:
+    """The guard, submission and bookkeeping shared by the protocol servicers.
+
+    on_engine_dead is awaited when an RPC finds the engine dead (the server turns health
+    NOT_SERVING for every service it serves)."""
+
+    def __init__(
+        self,
+        host: ModelHost,
+        metrics: ServiceMetrics,
+        on_engine_dead: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.host = host
+        self.metrics = metrics
+        self.on_engine_dead = on_engine_dead
+
+    @contextlib.asynccontextmanager
+    async def _guard(
+        self, rpc: str, context: grpc.aio.ServicerContext, on_error: ErrorSink | None = None
+    ):
+        """One RPC (or one request of a stream, with on_error sending its error in-band
+        instead of ending the stream)."""
+        scope = RpcScope(self.host.current)
+        send_error = on_error or context.abort
+        code = None
+        try:
+            yield scope
+        except GruserveError as exc:
+            code = status_for(exc)
+            if isinstance(exc, EngineDeadError):
+                log.warning("%s: %s (request ids %s)", rpc, exc, scope.ids())
+                if self.on_engine_dead is not None:
+                    await self.on_engine_dead()
+            else:
+                log.debug("%s: %s %s (request ids %s)", rpc, code.name, exc, scope.ids())
+            # the books are closed before the status leaves: a client that has its answer
+            # finds it counted (and the engine's work already being stopped)
+            self._close(scope, rpc, code)
+            await send_error(code, details_of(exc))
+        except asyncio.CancelledError:
+            # client cancel, disconnect or deadline: grpc has already answered the client;
+            # what is left is to free the engine's slots
+            code = _early_end_code(context)
+            log.debug("%s: %s (request ids %s)", rpc, code.name, scope.ids())
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed (request ids %s)", rpc, scope.ids())
+            self._close(scope, rpc, code)
+            await send_error(code, f"internal error (request ids {scope.ids()})")
+        finally:
+            if not scope.closed:
+                self._close(scope, rpc, code or grpc.StatusCode.OK)
+
+    def _close(self, scope: RpcScope, rpc: str, code: grpc.StatusCode) -> None:
+        scope.closed = True
+        scope.abort_unfinished()
+        self.metrics.requests.labels(rpc=rpc, code=code.name).inc()
+
+    def _submit(self, scope: RpcScope, request: Request) -> RequestHandle:
+        handle = scope.engine.submit(request)
+        scope.handles.append(handle)
+        return handle
+
+    def _finished(self, output: RequestOutput) -> RequestOutput:
+        if output.finish_reason is FinishReason.ABORTED:
+            # only this RPC aborts its requests, and then it is no longer listening; anything
+            # else (an engine shutting down) must not look like a normal end
+            raise RequestAbortedError(f"request {output.request_id} was aborted")
+        self.metrics.observe_finished(output)
+        log.debug(
+            "request %s finished (%s, %d tokens)",
+            output.request_id, output.finish_reason, len(output.token_ids or ()),
+        )
+        return output
