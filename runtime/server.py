@@ -14,9 +14,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from gruserve.inference import grpc_service_pb2 as oip_pb
+from gruserve.inference import grpc_service_pb2_grpc as oip_pb_grpc
+from gruserve.v1 import gruserve_pb2 as pb
 from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
@@ -26,11 +30,16 @@ from .core import EngineCore
 from .engine import Engine
 from .metrics import ServiceMetrics
 from .model_host import ModelHost, Served
+from .oip_servicer import SERVICE_NAME as OIP_SERVICE_NAME
+from .oip_servicer import InferenceServicer, RefusedMethods
 from .requests import DecodingParams
 from .runner import StepRunner
 from .servicer import SERVICE_NAME, GeneratorServicer, MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
+
+# the protocols served on the one port: health reports each of them (and "")
+SERVICES = (SERVICE_NAME, OIP_SERVICE_NAME)
 
 __all__ = ["GruServer", "ServerConfig", "build_engine", "format_address", "serve_forever"]
 
@@ -70,6 +79,26 @@ def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+def _reflection_pool(*files) -> descriptor_pool.DescriptorPool:
+    """One pool holding every served file (and its imports) for reflection: the Open
+    Inference Protocol's lives in a pool of its own (see the Makefile's proto target)."""
+    pool, added = descriptor_pool.DescriptorPool(), set()
+
+    def add(file) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
+
+
 def format_address(host: str, port: int) -> str:
     """host:port, with an IPv6 host in brackets."""
     if ":" in host and not host.startswith("["):
@@ -97,6 +126,7 @@ class GruServer:
         self.metrics = ServiceMetrics()
         self.host = ModelHost(self._served(bundle))
         self.health = health.aio.HealthServicer()
+        self._serving = False  # health is SERVING (the Open Inference Protocol's ServerReady)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -132,13 +162,27 @@ class GruServer:
             interceptors.append(
                 BearerTokenInterceptor(transport.auth_token, on_denied=self.metrics.count_denied)
             )
-        interceptors.append(MalformedRequestInterceptor(self.metrics))
+        interceptors.append(MalformedRequestInterceptor(self.metrics, SERVICES))
         server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
-        servicer = GeneratorServicer(self.host, self.metrics, self.health, service=config.service)
-        pb_grpc.add_GeneratorServicer_to_server(servicer, server)
+        pb_grpc.add_GeneratorServicer_to_server(
+            GeneratorServicer(self.host, self.metrics, self._engine_died, service=config.service),
+            server,
+        )
+        oip_pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(
+                self.host, self.metrics, self._engine_died, service=config.service,
+                is_ready=lambda: self._serving,
+            ),
+            server,
+        )
+        server.add_generic_rpc_handlers((RefusedMethods(self.metrics),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
+            pool=_reflection_pool(
+                pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR,
+                reflection_pb2.DESCRIPTOR,
+            ),
         )
         address = format_address(transport.host, transport.port)
         credentials = _server_credentials(transport)
@@ -237,13 +281,19 @@ class GruServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_health(self, status) -> None:
-        await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
+        self._serving = status == health_pb2.HealthCheckResponse.SERVING
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+    async def _engine_died(self) -> None:
+        """A servicer found the engine dead: NOT_SERVING until a reload replaces it."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, finish in-flight ones within the grace period."""
         grace = self.config.lifecycle.grace_s if grace is None else grace
         # NOT_SERVING for good: a late watchdog or servicer cannot turn it back
+        self._serving = False
         await self.health.enter_graceful_shutdown()
         if self._watchdog is not None:
             self._watchdog.cancel()
