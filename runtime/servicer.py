@@ -108,9 +108,9 @@ class _Malformed:
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
-    """INVALID_ARGUMENT, not grpc's UNKNOWN with a Python traceback summary, for unary
-    requests to `services` whose bytes are not a valid message (corrupt wire format,
-    invalid UTF-8)."""
+    """INVALID_ARGUMENT, not grpc's UNKNOWN with a Python traceback summary, for requests to
+    `services` whose bytes are not a valid message (corrupt wire format, invalid UTF-8),
+    unary or on a bidirectional stream."""
 
     def __init__(self, metrics: ServiceMetrics, services: tuple[str, ...] = (SERVICE_NAME,)):
         self.metrics = metrics
@@ -121,9 +121,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if (
             handler is None
-            or handler.request_streaming
             or handler.request_deserializer is None
             or not method.startswith(self.prefixes)
+            or (handler.request_streaming and not handler.response_streaming)
         ):
             return handler
         rpc = method.rsplit("/", 1)[-1]
@@ -142,6 +142,8 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {rpc} request message"
             )
 
+        if handler.request_streaming:
+            return self._checked_stream(handler, safe_parse, refuse)
         if handler.response_streaming:
             behaviour = handler.unary_stream
             if inspect.isasyncgenfunction(behaviour):
@@ -169,5 +171,30 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             checked_unary, request_deserializer=safe_parse,
+            response_serializer=handler.response_serializer,
+        )
+
+    @staticmethod
+    def _checked_stream(handler, safe_parse, refuse):
+        """A bidirectional stream whose first unparsable message ends it, INVALID_ARGUMENT."""
+        behaviour = handler.stream_stream
+
+        async def checked_requests(request_iterator, context):
+            async for request in request_iterator:
+                if isinstance(request, _Malformed):
+                    await refuse(request, context)
+                yield request
+
+        if inspect.isasyncgenfunction(behaviour):
+            async def checked(request_iterator, context):
+                requests = checked_requests(request_iterator, context)
+                async for response in behaviour(requests, context):
+                    yield response
+        else:
+            async def checked(request_iterator, context):
+                return await behaviour(checked_requests(request_iterator, context), context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            checked, request_deserializer=safe_parse,
             response_serializer=handler.response_serializer,
         )

@@ -421,6 +421,23 @@ def test_stream_errors_come_in_band(client, native, model, pairs):
     assert messages[1].startswith("[request id: lost] NOT_FOUND: unknown model 'no-such-model'")
 
 
+def test_cancelling_a_stream_frees_its_slots(server, client, model, pairs):
+    engine = server.engine
+    aborted = engine.stats.num_requests_aborted
+    with StepGate(engine) as gate:
+        stream = Stream(client)
+        client.async_stream_infer(model, id_inputs(pairs[:3]), request_id="gone")
+        gate.wait_blocked()  # the three rows are decoding
+        assert engine.num_in_flight == 3
+        key = ("gruserve_requests_total", (("code", "CANCELLED"), ("rpc", "ModelStreamInfer")))
+        before = server.metrics().get(key, 0)
+        stream.__exit__()  # tritonclient cancels the stream
+        wait_for(lambda: server.metrics().get(key, 0) == before + 1, "the server to see it")
+        gate.open()  # the aborts are applied at this step's end
+    wait_for(lambda: engine.num_in_flight == 0, "the stream's rows to be aborted")
+    assert engine.stats.num_requests_aborted == aborted + 3
+
+
 def test_async_client_infer_and_stream(server, native, model, pairs):
     expected = native_rows(native, pairs[:2])
 
@@ -577,11 +594,17 @@ def test_malformed_tensor_data_is_invalid(triton_stub, model, pairs, tiny_bundle
 
 
 def test_unparsable_request_is_invalid(server):
+    garbage = b"\xff\xff\xff\xff"
     with grpc.insecure_channel(server.target) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        unary = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as info:
-            call(b"\xff\xff\xff\xff", timeout=10)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            unary(garbage, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream(iter([garbage]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid ModelStreamInfer request" in info.value.details()
 
 
 def test_refused_triton_extensions_say_why(client, model, server):
