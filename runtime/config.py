@@ -139,7 +139,10 @@ class SchedulerConfig:
 class ServiceConfig:
     """Limits of the gRPC service itself (beyond what one request may ask)."""
 
-    max_batch_requests: int = setting(64, "most requests in one GenerateBatch call", minimum=1)
+    max_batch_requests: int = setting(
+        64, "most requests in one GenerateBatch call (and rows, i.e. generations, in one "
+        "Open Inference Protocol request)", minimum=1,
+    )
     # a request is a few ids; a batch of 64 with raw states stays far below the default
     max_message_bytes: int = setting(
         4 * MiB, "largest request or response message in bytes (bigger: RESOURCE_EXHAUSTED)",
