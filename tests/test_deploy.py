@@ -2,8 +2,8 @@
 every GRUSERVE_* setting is a serve variable and the pod's configuration builds from them,
 every selector reaches the pods, probes ask grpc.health.v1 on the gRPC port, the termination
 grace covers the drain, and the HPA's metrics are gauges the server exports.
-(`make deploy-check` validates the manifests against the Kubernetes schemas and lints the
-Dockerfile.)"""
+The KServe InferenceService (a CRD) is checked here too. (`make deploy-check` validates the
+Kubernetes manifests against the Kubernetes schemas and lints the Dockerfile.)"""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from gruserve.runtime.cli import build_parser
 from gruserve.runtime.cli_config import config_from_args
 from gruserve.runtime.config import env_of, flag_of, sections
 from gruserve.runtime.metrics import ServiceMetrics
+from gruserve.runtime.oip_servicer import SERVICE_NAME as OIP_SERVICE_NAME
 from gruserve.runtime.servicer import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
+KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 VARIANTS = ("cpu", "gpu")
 # settings the manifests already carry for flags being added elsewhere
 PENDING_VARIABLES = {"GRUSERVE_SHUTDOWN_DELAY": "issue 18 (SIGTERM drain)"}
@@ -177,3 +179,43 @@ def test_the_image_exposes_the_ports_the_pods_use():
     for variant in VARIANTS:
         context = _deployment(variant)["spec"]["template"]["spec"]["securityContext"]
         assert context["runAsUser"] == 10001 and context["runAsNonRoot"]
+
+
+def test_the_kserve_predictor_serves_the_open_inference_protocol():
+    """kubernetes-validate has no schema for KServe's InferenceService CRD: checked here.
+    Its container line is a `gruserve serve` the CLI accepts, on the port it declares and
+    probes (asking the Open Inference Protocol's health), with the bundle where KServe's
+    storage initializer puts STORAGE_URI."""
+    manifest = yaml.safe_load(KSERVE.read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == (
+        "serving.kserve.io/v1beta1", "InferenceService"
+    )
+    predictor = manifest["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env.pop("STORAGE_URI")
+    assert set(env) <= _variables()
+    args = build_parser().parse_args(container["args"])
+    config = config_from_args(args, environ=env)
+    assert args.bundle == "/mnt/models"
+    assert config.transport.host == "0.0.0.0"
+    (port,) = container["ports"]
+    assert port["containerPort"] == config.transport.port
+    assert port["name"].startswith("grpc")  # Istio: the protocol is the name's prefix
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {
+            "port": config.transport.port, "service": OIP_SERVICE_NAME
+        }
+    annotations = manifest["metadata"]["annotations"]
+    assert int(annotations["prometheus.kserve.io/port"]) == config.transport.metrics_port
+    # the image exposes what the predictor uses
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    exposed = {int(p) for line in dockerfile.splitlines() if line.startswith("EXPOSE")
+               for p in line.split()[1:]}
+    assert {config.transport.port, config.transport.metrics_port} <= exposed
+    # the drain fits in the termination grace, and liveness outlasts it
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert predictor["terminationGracePeriodSeconds"] >= pre_stop + config.lifecycle.grace_s + 2
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > config.lifecycle.grace_s

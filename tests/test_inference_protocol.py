@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -795,31 +794,3 @@ def test_the_proto_matches_tritonclients():
     # and it lives in a pool of its own, beside tritonclient's in this very process
     assert ours.pool is not theirs
 
-
-def test_kserve_manifest_runs_a_valid_serve_command():
-    """deploy/kserve/inferenceservice.yaml's container line is a `gruserve serve` the CLI
-    accepts, and its ports and probes are the ones that command serves on."""
-    import yaml
-
-    from gruserve.runtime.cli import build_parser
-    from gruserve.runtime.cli_config import config_from_args
-
-    path = Path(__file__).resolve().parents[1] / "deploy" / "kserve" / "inferenceservice.yaml"
-    manifest = yaml.safe_load(path.read_text())
-    assert (manifest["apiVersion"], manifest["kind"]) == (
-        "serving.kserve.io/v1beta1", "InferenceService"
-    )
-    (container,) = manifest["spec"]["predictor"]["containers"]
-    assert container["command"] == ["gruserve"]
-    args = build_parser().parse_args(container["args"])
-    env = {e["name"]: e["value"] for e in container["env"]}
-    config = config_from_args(args, environ=env)
-    assert args.bundle == "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
-    assert "STORAGE_URI" in env
-    (port,) = container["ports"]
-    assert port["containerPort"] == config.transport.port
-    assert container["readinessProbe"]["grpc"]["port"] == config.transport.port
-    assert config.transport.host == "0.0.0.0"
-    annotations = manifest["metadata"]["annotations"]
-    assert int(annotations["prometheus.kserve.io/port"]) == config.transport.metrics_port
-    assert config.lifecycle.grace_s < manifest["spec"]["predictor"]["terminationGracePeriodSeconds"]
