@@ -25,11 +25,10 @@ from gruserve.inference import grpc_service_pb2 as pb
 from gruserve.inference import grpc_service_pb2_grpc as pb_grpc
 
 from . import oip_convert
-from .config import ServiceConfig
 from .engine import RequestHandle
 from .errors import NotFoundError
 from .metrics import ServiceMetrics
-from .model_host import ModelHost, Served
+from .model_host import Served
 from .oip_convert import InferCall, Row
 from .requests import RequestOutput
 from .rpc import RpcScope, ServicerBase, all_results, loggable_id
@@ -40,18 +39,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(
-        self,
-        host: ModelHost,
-        metrics: ServiceMetrics,
-        on_engine_dead=None,
-        *,
-        service: ServiceConfig,
-        is_ready: Callable[[], bool],
-    ) -> None:
-        super().__init__(host, metrics, on_engine_dead)
-        self.service = service
-        self.is_ready = is_ready  # the server's health: SERVING
+    def __init__(self, *args, is_ready: Callable[[], bool], **kwargs) -> None:
+        """ServicerBase's arguments, and is_ready: whether the server's health is SERVING."""
+        super().__init__(*args, **kwargs)
+        self.is_ready = is_ready
 
     def _ready(self, served: Served) -> bool:
         return self.is_ready() and served.engine.healthy

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from .config import ServiceConfig
 from .engine import RequestHandle
 from .errors import EngineDeadError, GruserveError, RequestAbortedError
 from .metrics import ServiceMetrics
@@ -104,10 +105,13 @@ class ServicerBase:
         host: ModelHost,
         metrics: ServiceMetrics,
         on_engine_dead: Callable[[], Awaitable[None]] | None = None,
+        *,
+        service: ServiceConfig,
     ) -> None:
         self.host = host
         self.metrics = metrics
         self.on_engine_dead = on_engine_dead
+        self.service = service
 
     @contextlib.asynccontextmanager
     async def _guard(

@@ -16,10 +16,8 @@ from gruserve.v1 import gruserve_pb2 as pb
 from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
 from . import convert
-from .config import ServiceConfig
 from .errors import InvalidRequestError, RequestError
 from .metrics import ServiceMetrics
-from .model_host import ModelHost
 from .requests import Request
 from .rpc import RpcScope, ServicerBase, all_results, loggable_id
 
@@ -29,17 +27,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name
 
 
 class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
-    def __init__(
-        self,
-        host: ModelHost,
-        metrics: ServiceMetrics,
-        on_engine_dead=None,
-        *,
-        service: ServiceConfig,
-    ) -> None:
-        super().__init__(host, metrics, on_engine_dead)
-        self.service = service
-
     def _prepare(self, scope: RpcScope, message: pb.GenerateRequest, stream: bool) -> Request:
         if message.request_id:
             scope.request_ids.append(loggable_id(message.request_id))
