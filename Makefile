@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup serve test lint deploy-check proto bench clean help
+.PHONY: setup serve test lint deploy-check proto bench clean help synthetic-bundle
 
 help:
 	@echo "make serve   set up $(VENV) and serve the demo model on 127.0.0.1:50051"
@@ -56,6 +56,10 @@ deploy-check: $(DEPLOY_TOOLS)
 		echo "deploy-check: $(words $(KUBE_MANIFESTS)) manifest files valid for Kubernetes $$version"; \
 	done
 	$(BIN)/python -m pytest -q tests/test_deploy.py
+
+# the committed bundle of random weights the wiring tests use (tests/synthetic_bundle.py)
+synthetic-bundle: setup
+	$(BIN)/python -m tests.synthetic_bundle
 
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \

@@ -90,11 +90,14 @@ class NRTWeights:
     def synthetic(
         cls, config: ModelConfig, seed: int, *, eos_id: int | None = None, eos_bias: float = 0.0
     ) -> NRTWeights:
-        """Random weights drawn from `numpy.random.default_rng(seed)`, in the ranges torch's
-        default initialisation uses, so states and logits look like an untrained model's.
+        """Random weights drawn from `numpy.random.default_rng(seed)`.
 
+        Linear layers and the GRU use torch's default ranges (U(+-1/sqrt(fan_in))); the
+        embeddings are N(0, 1) (nn.Embedding's default), the output projection U(-1, 1) and
+        the rating layer U(-2, 2) around the middle of the rating range: larger than a fresh
+        NRT's, so that the (user, item) pair visibly changes the rating and the decode.
         `eos_bias` is added to the output bias of token `eos_id`: it sets how soon greedy
-        decodes stop (a model that never or always emits <eos> first tests little)."""
+        decodes stop (a model that always or never emits <eos> first tests little)."""
         rng = np.random.default_rng(seed)
         c = config
         E, H, V, R = c.emsize, c.hidden_size, c.ntoken, c.num_rating_classes
@@ -106,29 +109,32 @@ class NRTWeights:
             bound = 1.0 / np.sqrt(num_in)
             return Linear(uniform(bound, num_out, num_in), uniform(bound, num_out))
 
+        user_embeddings = rng.standard_normal((c.num_users, E))
+        item_embeddings = rng.standard_normal((c.num_items, E))
+        first_layer = linear(2 * E, H)
+        layers = tuple(linear(H, H) for _ in range(c.mlp_layers))
+        last_layer = Linear(uniform(2.0, 1, H), [(c.min_rating + c.max_rating) / 2])
+        hidden_encoder = linear(2 * E + R, H)
+        word_embeddings = rng.standard_normal((V, E))
         gru_bound = 1.0 / np.sqrt(H)
-        output = Linear(uniform(0.1, V, H), np.zeros(V))
+        gru = [uniform(gru_bound, *shape) for shape in ((3 * H, E), (3 * H, H), (3 * H,), (3 * H,))]
+        output_bias = np.zeros(V)
         if eos_id is not None:
-            bias = output.bias.copy()
-            bias[eos_id] += eos_bias
-            output = Linear(output.weight, bias)
+            output_bias[eos_id] = eos_bias
         return cls(
             config=config,
-            user_embeddings=uniform(0.1, c.num_users, E),
-            item_embeddings=uniform(0.1, c.num_items, E),
-            first_layer=linear(2 * E, H),
-            layers=tuple(linear(H, H) for _ in range(c.mlp_layers)),
-            # centred on the rating range, so predicted ratings (and their one-hot class) vary
-            last_layer=Linear(
-                uniform(1.0 / np.sqrt(H), 1, H), [(c.min_rating + c.max_rating) / 2]
-            ),
-            hidden_encoder=linear(2 * E + R, H),
-            word_embeddings=uniform(0.1, V, E),
-            gru_weight_ih=uniform(gru_bound, 3 * H, E),
-            gru_weight_hh=uniform(gru_bound, 3 * H, H),
-            gru_bias_ih=uniform(gru_bound, 3 * H),
-            gru_bias_hh=uniform(gru_bound, 3 * H),
-            output=output,
+            user_embeddings=user_embeddings,
+            item_embeddings=item_embeddings,
+            first_layer=first_layer,
+            layers=layers,
+            last_layer=last_layer,
+            hidden_encoder=hidden_encoder,
+            word_embeddings=word_embeddings,
+            gru_weight_ih=gru[0],
+            gru_weight_hh=gru[1],
+            gru_bias_ih=gru[2],
+            gru_bias_hh=gru[3],
+            output=Linear(uniform(1.0, V, H), output_bias),
         )
 
 
