@@ -94,8 +94,8 @@ class NRTWeights:
 
         Linear layers and the GRU use torch's default ranges (U(+-1/sqrt(fan_in))); the
         embeddings are N(0, 1) (nn.Embedding's default), the output projection U(-1, 1) and
-        the rating layer U(-2, 2) around the middle of the rating range: larger than a fresh
-        NRT's, so that the (user, item) pair visibly changes the rating and the decode.
+        the rating layer U(-2, 2) centred on the middle of the rating range: larger than a
+        fresh NRT's, so that the (user, item) pair visibly changes the rating and the decode.
         `eos_bias` is added to the output bias of token `eos_id`: it sets how soon greedy
         decodes stop (a model that always or never emits <eos> first tests little)."""
         rng = np.random.default_rng(seed)
@@ -113,7 +113,10 @@ class NRTWeights:
         item_embeddings = rng.standard_normal((c.num_items, E))
         first_layer = linear(2 * E, H)
         layers = tuple(linear(H, H) for _ in range(c.mlp_layers))
-        last_layer = Linear(uniform(2.0, 1, H), [(c.min_rating + c.max_rating) / 2])
+        # the sigmoid activations it reads sit around 0.5: the bias puts their mean rating mid-range
+        rating_weight = uniform(2.0, 1, H)
+        rating_bias = (c.min_rating + c.max_rating) / 2 - 0.5 * rating_weight.sum()
+        last_layer = Linear(rating_weight, [rating_bias])
         hidden_encoder = linear(2 * E + R, H)
         word_embeddings = rng.standard_normal((V, E))
         gru_bound = 1.0 / np.sqrt(H)

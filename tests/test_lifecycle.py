@@ -29,14 +29,14 @@ REFUSED_WHILE_STOPPING = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_bundle):
-    return {"user": tiny_bundle.users[0], "item": tiny_bundle.items[0]}
+def pair(synthetic_bundle):
+    return {"user": synthetic_bundle.users[0], "item": synthetic_bundle.items[0]}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir):
+def server(synthetic_bundle_dir):
     """One slot: whatever a test leaves running would block the next one."""
-    with running_server(tiny_bundle_dir, num_slots=1, max_queued=4, metrics_port=0) as s:
+    with running_server(synthetic_bundle_dir, num_slots=1, max_queued=4, metrics_port=0) as s:
         yield s
 
 
@@ -146,8 +146,8 @@ def test_cancelling_a_queued_request_takes_it_out_of_the_queue(server, client, p
     assert server.metrics()[("gruserve_queue_depth", ())] == 0
 
 
-def test_broken_engine_is_unavailable_and_not_serving(tiny_bundle_dir, pair):
-    with running_server(tiny_bundle_dir) as server, GruserveClient(server.target) as client:
+def test_broken_engine_is_unavailable_and_not_serving(synthetic_bundle_dir, pair):
+    with running_server(synthetic_bundle_dir) as server, GruserveClient(server.target) as client:
         assert client.health() == "SERVING"
 
         def broken_step(*args, **kwargs):
@@ -167,8 +167,8 @@ def test_broken_engine_is_unavailable_and_not_serving(tiny_bundle_dir, pair):
         assert client.health() == "NOT_SERVING"
 
 
-def test_health_is_not_serving_until_warmed_up(tiny_bundle_dir):
-    thread = ServerThread(tiny_bundle_dir).create()
+def test_health_is_not_serving_until_warmed_up(synthetic_bundle_dir):
+    thread = ServerThread(synthetic_bundle_dir).create()
     try:
         with StepGate(thread.engine) as gate:
             starting = asyncio.run_coroutine_threadsafe(thread.server.start(), thread.loop)
@@ -183,8 +183,8 @@ def test_health_is_not_serving_until_warmed_up(tiny_bundle_dir):
         thread.stop()
 
 
-def test_stop_drains_in_flight_requests_then_refuses(tiny_bundle_dir, pair):
-    thread = ServerThread(tiny_bundle_dir, num_slots=2).start()
+def test_stop_drains_in_flight_requests_then_refuses(synthetic_bundle_dir, pair):
+    thread = ServerThread(synthetic_bundle_dir, num_slots=2).start()
     try:
         with GruserveClient(thread.target) as client, StepGate(thread.engine) as gate:
             call = client.stub.Generate.future(
@@ -204,8 +204,8 @@ def test_stop_drains_in_flight_requests_then_refuses(tiny_bundle_dir, pair):
         thread.stop()
 
 
-def test_stop_cancels_what_outlives_the_grace_period(tiny_bundle_dir, pair):
-    thread = ServerThread(tiny_bundle_dir).start()
+def test_stop_cancels_what_outlives_the_grace_period(synthetic_bundle_dir, pair):
+    thread = ServerThread(synthetic_bundle_dir).start()
     try:
         with GruserveClient(thread.target) as client, StepGate(thread.engine) as gate:
             call = client.stub.Generate.future(build_request(**pair), timeout=30)
@@ -220,9 +220,9 @@ def test_stop_cancels_what_outlives_the_grace_period(tiny_bundle_dir, pair):
         thread.stop()
 
 
-def test_a_port_in_use_is_a_startup_error(server, tiny_bundle_dir):
+def test_a_port_in_use_is_a_startup_error(server, synthetic_bundle_dir):
     port = server.server.port
-    other = ServerThread(tiny_bundle_dir, port=port).create()
+    other = ServerThread(synthetic_bundle_dir, port=port).create()
     try:
         with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
             other.call(other.server.start())
@@ -305,8 +305,8 @@ class ServeProcess:
                 self.proc.wait()
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_bundle_dir, tmp_path, pair):
-    child = ServeProcess(tiny_bundle_dir, tmp_path, "--num-slots", "4", "--grace", "30",
+def test_sigterm_drains_in_flight_requests_and_exits_0(synthetic_bundle_dir, tmp_path, pair):
+    child = ServeProcess(synthetic_bundle_dir, tmp_path, "--num-slots", "4", "--grace", "30",
                          step_delay_s=0.02)
     try:
         target = child.wait_serving()
@@ -344,8 +344,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_bundle_dir, tmp_path
     assert "SIGTERM received: draining" in log
 
 
-def test_sigint_stops_an_idle_server_with_exit_0(tiny_bundle_dir, tmp_path):
-    child = ServeProcess(tiny_bundle_dir, tmp_path)
+def test_sigint_stops_an_idle_server_with_exit_0(synthetic_bundle_dir, tmp_path):
+    child = ServeProcess(synthetic_bundle_dir, tmp_path)
     try:
         target = child.wait_serving()
         with GruserveClient(target) as client:

@@ -7,6 +7,9 @@ import dataclasses
 import shutil
 
 import pytest
+
+pytest.importorskip("torch", reason="needs the export extra; the torch-free lane skips it")
+
 import torch
 
 from gruserve.export import train as train_module
