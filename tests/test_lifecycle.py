@@ -5,14 +5,7 @@ in-flight requests and exits 0 (a real `python -m gruserve.runtime serve` proces
 from __future__ import annotations
 
 import asyncio
-import os
-import queue
-import re
 import signal
-import subprocess
-import sys
-import textwrap
-import threading
 
 import grpc
 import pytest
@@ -20,7 +13,7 @@ import pytest
 from gruserve.runtime.client import GruserveClient, build_request
 from gruserve.v1 import gruserve_pb2 as pb
 
-from .serving import WAIT_S, ServerThread, StepGate, running_server, wait_for
+from .serving import WAIT_S, ServeProcess, ServerThread, StepGate, running_server, wait_for
 
 LONG = 40  # tokens of a request that cannot end early (min_tokens = max_tokens)
 # a call that reaches a stopping server is refused: UNAVAILABLE, or CANCELLED when it races
@@ -239,71 +232,6 @@ def _not_serving(client) -> bool:
 
 
 # --- a real process and a real signal ------------------------------------------------------
-
-# Slows every decode step in the child process, so that its requests are still in flight
-# when the signal comes: a test double injected at interpreter start (PYTHONPATH), the
-# command line itself stays exactly what an operator runs.
-SITECUSTOMIZE = textwrap.dedent("""
-    import os
-    import time
-
-    from gruserve.runtime import runner
-
-    _delay = float(os.environ["GRUSERVE_TEST_STEP_DELAY_S"])
-    _step = runner.StepRunner.step
-
-    def _slow_step(self, *args, **kwargs):
-        time.sleep(_delay)
-        return _step(self, *args, **kwargs)
-
-    runner.StepRunner.step = _slow_step
-""")
-
-
-class ServeProcess:
-    def __init__(self, bundle_dir, tmp_path, *args: str, step_delay_s: float = 0.0) -> None:
-        (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(tmp_path), env.get("PYTHONPATH")) if p
-        )
-        env["GRUSERVE_TEST_STEP_DELAY_S"] = str(step_delay_s)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gruserve.runtime", "serve", str(bundle_dir), "--port", "0",
-             "--device", "cpu", "--threads", "1", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        self.stdout: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append),
-                         daemon=True).start()
-
-    @staticmethod
-    def _pump(stream, sink) -> None:
-        for line in stream:
-            sink(line)
-
-    def wait_serving(self) -> str:
-        """The HOST:PORT the child prints once it is SERVING."""
-        while True:
-            try:
-                line = self.stdout.get(timeout=60)
-            except queue.Empty:
-                raise AssertionError("no 'serving' line:\n" + "".join(self.stderr)) from None
-            match = re.match(r"gruserve: serving .* on (\S+):(\d+)$", line.strip())
-            if match:
-                return f"{match[1]}:{match[2]}"
-
-    def finish(self, timeout: float = WAIT_S) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(synthetic_bundle_dir, tmp_path, pair):
     child = ServeProcess(synthetic_bundle_dir, tmp_path, "--num-slots", "4", "--grace", "30",
