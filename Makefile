@@ -48,12 +48,14 @@ $(RUNTIME_VENV)/.installed-serve: $(PACKAGE_SRC)
 	test -x $(RUNTIME_BIN)/python || $(PYTHON) -m venv $(RUNTIME_VENV)
 	rm -rf build
 	$(RUNTIME_BIN)/python -m pip install -q .
+	rm -rf build
 	touch $@
 
 $(RUNTIME_VENV)/.installed-dev: $(PACKAGE_SRC)
 	test -x $(RUNTIME_BIN)/python || $(PYTHON) -m venv $(RUNTIME_VENV)
 	rm -rf build
 	$(RUNTIME_BIN)/python -m pip install -q ".[dev]"
+	rm -rf build
 	touch $@ $(RUNTIME_VENV)/.installed-serve
 
 serve: $(RUNTIME_VENV)/.installed-serve
@@ -101,6 +103,10 @@ bench: setup
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/train_demo.py
+
+# retrain the demo model and rewrite what ships: runtime/demo_model/{checkpoint.pt,bundle/}
+demo-bundle: setup
+	$(BIN)/python -m gruserve.export.demo --out runtime/demo_model
 
 # the committed bundle of random weights the wiring tests use (tests/synthetic_bundle.py)
 synthetic-bundle: setup

@@ -509,7 +509,7 @@ def test_cli_generate_and_info(server, client, pair, capsys):
     assert info["provider"] == "CPUExecutionProvider"
 
 
-def test_cli_serve_without_bundle_serves_the_demo_bundle(monkeypatch, synthetic_bundle_dir):
+def test_cli_serve_without_bundle_serves_the_demo_bundle(monkeypatch):
     from gruserve.runtime import demo, server
 
     seen = {}
@@ -518,10 +518,9 @@ def test_cli_serve_without_bundle_serves_the_demo_bundle(monkeypatch, synthetic_
         seen["bundle"], seen["config"] = bundle, config
         return 0
 
-    monkeypatch.setattr(demo, "ensure_demo_bundle", lambda: synthetic_bundle_dir)
     monkeypatch.setattr(server, "serve_forever", fake_serve_forever)
     assert cli.main(["serve", "--port", "0", "--num-slots", "8"]) == 0
-    assert seen["bundle"] == synthetic_bundle_dir
+    assert seen["bundle"] == demo.DEMO_BUNDLE
     assert seen["config"].transport.host == "127.0.0.1"  # this machine only, unless told
     assert seen["config"].scheduler.num_slots == 8
 
