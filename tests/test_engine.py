@@ -45,13 +45,9 @@ def info(synthetic_bundle):
 
 
 @pytest.fixture(scope="module")
-def trained_runner(tiny_bundle):
-    return StepRunner(tiny_bundle, num_slots=NUM_SLOTS)
-
-
-@pytest.fixture(scope="module")
-def trained_info(tiny_bundle):
-    return ModelInfo.from_bundle(tiny_bundle)
+def trained(tiny_bundle):
+    """(runner, info) of the trained tiny model."""
+    return StepRunner(tiny_bundle, num_slots=NUM_SLOTS), ModelInfo.from_bundle(tiny_bundle)
 
 
 def make_engine(runner, info, config) -> Engine:
@@ -155,14 +151,12 @@ def test_each_request_is_the_same_alone_and_in_a_busy_staggered_batch(runner, in
             assert busy[request_id].logprobs == pytest.approx(out.logprobs, abs=1e-4)
 
 
-def test_greedy_engine_output_equals_pytorch_greedy_decode(
-    trained_runner, trained_info, tiny_checkpoint
-):
+def test_greedy_engine_output_equals_pytorch_greedy_decode(trained, tiny_checkpoint):
     import torch
 
     from gruserve.export.model import greedy_decode
 
-    runner, info = trained_runner, trained_info
+    runner, info = trained
     checkpoint, _ = tiny_checkpoint
     model = checkpoint.build_model()
     max_tokens = checkpoint.model_config.max_len

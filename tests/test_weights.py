@@ -61,7 +61,7 @@ def test_a_wrong_shape_is_refused_naming_the_field(field, value, message):
 
 
 def test_nrt_weights_are_the_modules_parameters():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="the torch side needs the export extra")
     from gruserve.export.model import NRT, nrt_weights
 
     torch.manual_seed(0)
