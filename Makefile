@@ -66,7 +66,7 @@ test: setup
 
 # tests needing torch or onnx skip (visibly); test_torch_free.py checks the lane itself
 test-runtime: $(RUNTIME_VENV)/.installed-dev
-	GRUSERVE_TEST_LANE=runtime $(RUNTIME_BIN)/python -m pytest $(ARGS)
+	TEST_LANE=runtime $(RUNTIME_BIN)/python -m pytest $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check export runtime tests bench

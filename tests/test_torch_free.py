@@ -1,8 +1,8 @@
 """The runtime installs and serves without torch (and without onnx): the export extra is for
 training and export only.
 
-In the torch-free lane (`make test-runtime`: a `pip install ".[dev]"` venv, GRUSERVE_TEST_LANE
-=runtime) the first test proves the lane is what it claims; the second runs in both lanes and
+In the torch-free lane (`make test-runtime`: a `pip install ".[dev]"` venv, TEST_LANE=runtime;
+not a GRUSERVE_* variable, which configure the server) the first test proves the lane is what it claims; the second runs in both lanes and
 proves a real `gruserve serve` process never imports them, even where they are installed.
 """
 
@@ -23,7 +23,7 @@ from gruserve.runtime.client import GruserveClient
 from .serving import ServeProcess
 
 EXPORT_ONLY = ("torch", "onnx")
-IN_RUNTIME_LANE = os.environ.get("GRUSERVE_TEST_LANE") == "runtime"
+IN_RUNTIME_LANE = os.environ.get("TEST_LANE") == "runtime"
 
 
 @pytest.mark.skipif(not IN_RUNTIME_LANE, reason="checks the torch-free lane (make test-runtime)")
