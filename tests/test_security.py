@@ -105,7 +105,8 @@ def test_tls_accepts_a_client_trusting_the_ca_and_refuses_others(synthetic_bundl
 def test_tls_over_several_replicas_checks_the_first_targets_name(synthetic_bundle_dir, certs, pair):
     tls = dict(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"),
                metrics_port=0)
-    with running_server(synthetic_bundle_dir, **tls) as a, running_server(synthetic_bundle_dir, **tls) as b:
+    with running_server(synthetic_bundle_dir, **tls) as a, \
+            running_server(synthetic_bundle_dir, **tls) as b:
         # the certificate names localhost: the address list is verified against that name
         targets = f"localhost:{a.server.port},localhost:{b.server.port}"
         with GruserveClient(Connection(targets, root_ca=str(certs / "ca.pem"))) as client:

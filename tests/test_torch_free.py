@@ -1,9 +1,10 @@
 """The runtime installs and serves without torch (and without onnx): the export extra is for
 training and export only.
 
-In the torch-free lane (`make test-runtime`: a `pip install ".[dev]"` venv, TEST_LANE=runtime;
-not a GRUSERVE_* variable, which configure the server) the first test proves the lane is what it claims; the second runs in both lanes and
-proves a real `gruserve serve` process never imports them, even where they are installed.
+In the torch-free lane (`make test-runtime`: a `pip install ".[dev]"` venv, TEST_LANE=runtime,
+not a GRUSERVE_* variable: those configure the server) the first test proves the lane is what
+it claims; the second runs in both lanes and proves a real `gruserve serve` process never
+imports them, even where they are installed.
 """
 
 from __future__ import annotations
