@@ -5,8 +5,9 @@
 #   docker run -p 50051:50051 -p 9100:9100 -v "$PWD/bundles/nrt:/models/nrt:ro" \
 #       gruserve:0.1.0-cpu serve /models/nrt --host 0.0.0.0 --metrics-host 0.0.0.0 --metrics-port 9100
 #
-# A bundle is mounted (above) or baked into a derived image (docs/deploy.md). Both images
-# run as the unprivileged user gruserve (uid 10001) and need no writable root filesystem.
+# A bundle is mounted (above) or baked into a derived image (docs/deploy.md); without one,
+# `serve` serves the demo model embedded in the package. Both images run as the
+# unprivileged user gruserve (uid 10001) and need no writable root filesystem.
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 # onnxruntime-gpu 1.31.1 is built for CUDA 13 and cuDNN 9: its wheel's `cuda` extra asks for
@@ -38,8 +39,7 @@ RUN python3 -m venv /opt/gruserve \
 FROM cuda-base AS cuda
 COPY --from=cuda-venv /opt/gruserve /opt/gruserve
 ENV PATH=/opt/gruserve/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    GRUSERVE_HOME=/home/gruserve/.cache/gruserve
+    PYTHONUNBUFFERED=1
 USER 10001:10001
 WORKDIR /home/gruserve
 EXPOSE 50051 9100
@@ -65,8 +65,7 @@ FROM ${PYTHON_IMAGE} AS cpu
 RUN useradd --system --uid 10001 --user-group --create-home gruserve
 COPY --from=cpu-venv /opt/gruserve /opt/gruserve
 ENV PATH=/opt/gruserve/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    GRUSERVE_HOME=/home/gruserve/.cache/gruserve
+    PYTHONUNBUFFERED=1
 USER 10001:10001
 WORKDIR /home/gruserve
 EXPOSE 50051 9100

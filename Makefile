@@ -1,18 +1,35 @@
 # gruserve: `make serve` and `make test` work on a fresh clone (Python 3.10+ and PyPI).
+#
+# Two virtual environments:
+#   .venv          everything (torch CPU, onnx, the package editable, test tools): make test,
+#                  lint, proto, bench, demo-bundle, synthetic-bundle
+#   .venv-runtime  what a user of the runtime gets from `pip install .` (no torch, no onnx,
+#                  the package installed, not editable): make serve; make test-runtime adds
+#                  the test tools (the dev extra) and runs the torch-free lane in it
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup serve test lint deploy-check proto bench clean help
+RUNTIME_VENV ?= .venv-runtime
+RUNTIME_BIN  := $(RUNTIME_VENV)/bin
+# a regular install copies the sources, so it is redone whenever one of them changes
+PACKAGE_SRC  := pyproject.toml $(shell find export runtime protos -type f \
+	-not -path '*/__pycache__/*' -not -name '*.pyc' 2>/dev/null)
+
+.PHONY: setup serve test test-runtime lint deploy-check proto bench demo-bundle synthetic-bundle \
+	clean help
 
 help:
-	@echo "make serve   set up $(VENV) and serve the demo model on 127.0.0.1:50051"
-	@echo "make test    set up $(VENV) and run the test suite"
-	@echo "make lint    ruff"
-	@echo "make deploy-check  lint the Dockerfile, validate deploy/kubernetes (offline)"
-	@echo "make proto   regenerate the protobuf code from protos/"
-	@echo "make bench   run the CPU benchmarks (about 15 minutes; see BENCHMARKS.md)"
+	@echo "make serve          install the runtime only ($(RUNTIME_VENV)) and serve the demo model on 127.0.0.1:50051"
+	@echo "make test           set up $(VENV) (torch CPU, onnx) and run the whole test suite"
+	@echo "make test-runtime   the torch-free lane: the tests that need neither torch nor onnx, in $(RUNTIME_VENV)"
+	@echo "make lint           ruff"
+	@echo "make deploy-check   lint the Dockerfile, validate deploy/kubernetes (offline)"
+	@echo "make proto          regenerate the protobuf code from protos/"
+	@echo "make demo-bundle    retrain and re-export the embedded demo model (about 2 minutes)"
+	@echo "make synthetic-bundle  rebuild tests/data/synthetic-bundle (random weights, for wiring tests)"
+	@echo "make bench          run the CPU benchmarks (about 15 minutes; see BENCHMARKS.md)"
 
 # torch is installed first, pinned, so pip takes the local CPU wheel and never a CUDA build
 $(STAMP): pyproject.toml
@@ -25,11 +42,31 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-serve: setup
-	$(BIN)/gruserve serve $(ARGS)
+# build/ is removed first: setuptools reuses it, and a file deleted from the sources would
+# otherwise still land in the installed package
+$(RUNTIME_VENV)/.installed-serve: $(PACKAGE_SRC)
+	test -x $(RUNTIME_BIN)/python || $(PYTHON) -m venv $(RUNTIME_VENV)
+	rm -rf build
+	$(RUNTIME_BIN)/python -m pip install -q .
+	rm -rf build
+	touch $@
+
+$(RUNTIME_VENV)/.installed-dev: $(PACKAGE_SRC)
+	test -x $(RUNTIME_BIN)/python || $(PYTHON) -m venv $(RUNTIME_VENV)
+	rm -rf build
+	$(RUNTIME_BIN)/python -m pip install -q ".[dev]"
+	rm -rf build
+	touch $@ $(RUNTIME_VENV)/.installed-serve
+
+serve: $(RUNTIME_VENV)/.installed-serve
+	$(RUNTIME_BIN)/gruserve serve $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)
+
+# tests needing torch or onnx skip (visibly); test_torch_free.py checks the lane itself
+test-runtime: $(RUNTIME_VENV)/.installed-dev
+	TEST_LANE=runtime $(RUNTIME_BIN)/python -m pytest $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check export runtime tests bench
@@ -76,5 +113,13 @@ bench: setup
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/train_demo.py
 
+# retrain the demo model and rewrite what ships: runtime/demo_model/{checkpoint.pt,bundle/}
+demo-bundle: setup
+	$(BIN)/python -m gruserve.export.demo --out runtime/demo_model
+
+# the committed bundle of random weights the wiring tests use (tests/synthetic_bundle.py)
+synthetic-bundle: setup
+	$(BIN)/python -m tests.synthetic_bundle
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(RUNTIME_VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -47,7 +47,7 @@ from gruserve.export import onnx_graphs as og
 from gruserve.export.bundle_writer import write_bundle
 from gruserve.export.checkpoint import Checkpoint
 from gruserve.export.config import ModelConfig
-from gruserve.export.model import NRT
+from gruserve.export.model import NRT, nrt_weights
 from gruserve.export.vocab import SPECIAL_TOKENS, EntityIndex, Vocabulary
 from gruserve.runtime.bundle import STEP_GREEDY, load_bundle
 from gruserve.runtime.providers import SessionConfig, session_options, wanted_providers
@@ -125,7 +125,7 @@ def graph_variants(bundle, model: NRT, batch: int, num_slots: int, config, rng) 
     slots = rng.permutation(num_slots)[:batch].astype(np.int64)
     tokens = rng.integers(4, bundle.model_config["ntoken"], batch).astype(np.int64)
     runner.encode(slots, slots % 1000, slots % 1000)
-    plain_graph = og.build_step_graph(model, og.StepGraphOptions(slot_pool=False))
+    plain_graph = og.build_step_graph(nrt_weights(model), og.StepGraphOptions(slot_pool=False))
     plain = BoundStep(plain_graph.SerializeToString(), (1, batch, bundle.hidden_size), 2, config)
     hidden = torch.zeros(1, batch, bundle.hidden_size)
     torch_tokens = torch.as_tensor(tokens)[:, None]

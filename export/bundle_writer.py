@@ -1,5 +1,8 @@
-"""Checkpoint -> bundle: the ONNX graphs, vocabulary, entity maps and a manifest that hashes
-and describes every file. The runtime reads names and shapes from the manifest only."""
+"""Weights -> bundle: the ONNX graphs, vocabulary, entity maps and a manifest that hashes
+and describes every file. The runtime reads names and shapes from the manifest only.
+
+Needs numpy and onnx, not torch: `write_bundle_from_weights` takes `NRTWeights` (trained or
+synthetic); `write_bundle` is the same for a trained checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import onnxruntime as ort
@@ -26,8 +30,12 @@ from gruserve.runtime.bundle import (
 )
 
 from . import onnx_graphs as og
-from .checkpoint import Checkpoint
 from .precision import precision_spec
+from .vocab import EntityIndex, Vocabulary
+from .weights import NRTWeights
+
+if TYPE_CHECKING:  # torch lives there; building from weights never needs it
+    from .checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -89,26 +97,58 @@ def write_bundle(
     model_name: str = "nrt",
     precision: str = "fp32",
 ) -> Path:
-    """Writes the bundle into out_dir (replaced atomically). Verification is separate
-    (`gruserve.export.verify`) and its report is added to the manifest by `export_bundle`.
+    """Writes a trained checkpoint's bundle into out_dir (replaced atomically). Verification
+    is separate (`gruserve.export.verify`) and its report is added to the manifest by
+    `export_bundle`.
 
     precision "fp16" halves the step graph's weights and the state pool (see precision.py)."""
+    return write_bundle_from_weights(
+        checkpoint.weights(), checkpoint.vocab, checkpoint.users, checkpoint.items, out_dir,
+        top_k=top_k, model_name=model_name, precision=precision,
+        training={"epoch": checkpoint.epoch, "best_valid_loss": checkpoint.best_valid_loss},
+    )
+
+
+def write_bundle_from_weights(
+    weights: NRTWeights,
+    vocab: Vocabulary,
+    users: EntityIndex,
+    items: EntityIndex,
+    out_dir: Path,
+    *,
+    top_k: int = 64,
+    model_name: str = "nrt",
+    precision: str = "fp32",
+    training: dict | None = None,
+    created_at: str | None = None,
+) -> Path:
+    """Writes the bundle of `weights` into out_dir (replaced atomically). `training` is
+    recorded as the manifest's "training" entry; `created_at` (ISO 8601, default now) lets a
+    generator write the same bytes every time."""
     spec = precision_spec(precision)
-    model = checkpoint.build_model()
-    vocab = checkpoint.vocab
+    cfg = weights.config
+    if (len(vocab), len(users), len(items)) != (cfg.ntoken, cfg.num_users, cfg.num_items):
+        raise ValueError(
+            f"vocabulary/users/items have {len(vocab)}/{len(users)}/{len(items)} entries, "
+            f"the weights {cfg.ntoken}/{cfg.num_users}/{cfg.num_items}"
+        )
     top_k = min(top_k, len(vocab))
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         graphs = {
-            ENCODER: (og.build_encoder_graph(model, precision), {}),
-            STEP_GREEDY: (og.build_step_graph(model, og.StepGraphOptions(precision=precision)), {}),
-            STATE_WRITER: (og.build_state_writer_graph(model, precision), {}),
+            ENCODER: (og.build_encoder_graph(weights, precision), {}),
+            STEP_GREEDY: (
+                og.build_step_graph(weights, og.StepGraphOptions(precision=precision)), {}
+            ),
+            STATE_WRITER: (og.build_state_writer_graph(cfg, precision), {}),
         }
         if top_k > 0:
             graphs[STEP_TOPK] = (
-                og.build_step_graph(model, og.StepGraphOptions(top_k=top_k, precision=precision)),
+                og.build_step_graph(
+                    weights, og.StepGraphOptions(top_k=top_k, precision=precision)
+                ),
                 {"top_k": top_k},
             )
         manifest_graphs = {}
@@ -120,7 +160,7 @@ def write_bundle(
         files = {
             "vocab": _write_json(list(vocab.words), staging / "vocab.json"),
             "entities": _write_json(
-                {"users": list(checkpoint.users.ids), "items": list(checkpoint.items.ids)},
+                {"users": list(users.ids), "items": list(items.ids)},
                 staging / "entities.json",
             ),
         }
@@ -128,8 +168,9 @@ def write_bundle(
             "format": BUNDLE_FORMAT,
             "format_version": FORMAT_VERSION,
             "model_name": model_name,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model_config": checkpoint.model_config.to_dict(),
+            "created_at": created_at
+            or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model_config": cfg.to_dict(),
             "special_ids": {
                 "bos": vocab.bos_id, "eos": vocab.eos_id, "pad": vocab.pad_id, "unk": vocab.unk_id,
             },
@@ -143,7 +184,7 @@ def write_bundle(
             "onnxruntime_version": ort.__version__,
             "graphs": manifest_graphs,
             "files": files,
-            "training": {"epoch": checkpoint.epoch, "best_valid_loss": checkpoint.best_valid_loss},
+            "training": training or {},
             "verify": None,
         }
         write_manifest(manifest, staging)

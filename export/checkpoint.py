@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .model import NRT
+from .model import NRT, nrt_weights
 from .vocab import EntityIndex, Vocabulary
+from .weights import NRTWeights
 
 CHECKPOINT_FORMAT = "gruserve-checkpoint/1"
 
@@ -36,6 +37,10 @@ class Checkpoint:
         model.load_state_dict(self.state_dict)
         model.eval()
         return model
+
+    def weights(self) -> NRTWeights:
+        """The weights as numpy arrays, for the ONNX graph builders."""
+        return nrt_weights(self.build_model())
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:

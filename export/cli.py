@@ -30,8 +30,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from .checkpoint import load_checkpoint
+    from .corpus import load_training_corpus
     from .demo import DEMO_TRAIN
-    from .train import TrainConfig, load_training_corpus, train
+    from .train import TrainConfig, train
 
     corpus = load_training_corpus(args.data, index_dir=args.index_dir, seed=args.corpus_seed)
     overrides = {
@@ -97,8 +98,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     _need_export_extra()
     from .checkpoint import load_checkpoint
+    from .corpus import load_training_corpus
     from .evaluate import evaluate, format_metrics, write_eval_outputs
-    from .train import load_training_corpus
 
     checkpoint = load_checkpoint(Path(args.checkpoint))
     corpus = load_training_corpus(args.data, index_dir=args.index_dir, seed=args.corpus_seed)

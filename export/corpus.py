@@ -16,6 +16,7 @@ sources you trust, exactly as with the original PETER code.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
@@ -24,8 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 REVIEWS_FILE = "reviews.pickle"
+# the index directory beside reviews.pickle that write_synthetic_corpus writes
+INDEX_DIR = "index"
+# the `--data` keyword for the built-in synthetic corpus
+SYNTHETIC = "synthetic"
 RECORD_KEYS: tuple[str, ...] = ("user", "item", "rating", "template")
 
 
@@ -93,6 +100,82 @@ def load_corpus(reviews_path: str | os.PathLike[str], index_dir: str | os.PathLi
         for name in SPLITS
     }
     return Corpus(reviews=reviews, **splits)
+
+
+def load_training_corpus(
+    data: str | os.PathLike[str],
+    *,
+    index_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+) -> Corpus:
+    """The corpus named by a `--data` argument.
+
+    - `"synthetic"`: the built-in corpus with ground truth, `SyntheticSpec(seed=seed)`
+      (the keyword always wins; write `./synthetic` for a directory of that name);
+    - a directory holding `reviews.pickle` (or the path of that file), with its split files
+      taken from `index_dir` if given (absolute, or relative to the data directory, so
+      `index_dir="2"` picks NLG4RS split 2), else found in the data directory itself, in
+      `DIR/index/` (what `write_synthetic_corpus` writes), or in the NLG4RS split folders
+      `DIR/1/ ... DIR/5/` (the lowest-numbered one; pass `index_dir` to pick another).
+
+    A layout that matches none of these raises `CorpusError` saying what was looked for.
+    """
+    if isinstance(data, str) and data == SYNTHETIC:
+        # imported here: synthetic.py builds on this module
+        from .synthetic import SyntheticSpec, make_synthetic_corpus
+
+        if index_dir is not None:
+            raise CorpusError("index_dir is meaningless with the built-in synthetic corpus")
+        return make_synthetic_corpus(SyntheticSpec(seed=seed))
+    path = Path(data)
+    if path.is_file() and path.name == REVIEWS_FILE:
+        path = path.parent
+    if not path.exists():
+        raise CorpusError(
+            f"{path}: no such directory; --data takes {SYNTHETIC!r} or a directory "
+            f"holding {REVIEWS_FILE} and its split index files"
+        )
+    if not path.is_dir():
+        raise CorpusError(f"{path}: expected a directory holding {REVIEWS_FILE}, got a file")
+    reviews = path / REVIEWS_FILE
+    if not reviews.is_file():
+        raise CorpusError(f"{path}: no {REVIEWS_FILE} in this directory")
+    if index_dir is not None:
+        chosen = Path(index_dir)
+        if not chosen.exists() and not chosen.is_absolute() and (path / chosen).exists():
+            chosen = path / chosen
+        return load_corpus(reviews, chosen)
+    return load_corpus(reviews, _find_index_dir(path))
+
+
+def _has_index_files(directory: Path) -> bool:
+    return all((directory / f"{name}.index").is_file() for name in SPLITS)
+
+
+def _find_index_dir(data_dir: Path) -> Path:
+    if _has_index_files(data_dir):
+        return data_dir
+    if _has_index_files(data_dir / INDEX_DIR):
+        return data_dir / INDEX_DIR
+    numbered = sorted(
+        (p for p in data_dir.iterdir() if p.is_dir() and p.name.isdigit() and _has_index_files(p)),
+        key=lambda p: int(p.name),
+    )
+    if numbered:
+        if len(numbered) > 1:
+            log.info(
+                "%s: using split folder %s of %s; pass --index-dir to pick another",
+                data_dir,
+                numbered[0].name,
+                ", ".join(p.name for p in numbered),
+            )
+        return numbered[0]
+    files = ", ".join(f"{name}.index" for name in SPLITS)
+    raise CorpusError(
+        f"{data_dir}: corpus layout not recognised: {files} not found in the directory, "
+        f"in {INDEX_DIR}/, or in a numbered NLG4RS split folder (1/, 2/, ...); "
+        f"pass --index-dir"
+    )
 
 
 def records_to_reviews(records: object, source: str) -> tuple[Review, ...]:

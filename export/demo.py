@@ -1,26 +1,39 @@
-"""The built-in demo model: a small NRT trained on the synthetic corpus in about a CPU minute.
+"""The demo model: a small NRT trained on the synthetic corpus in about a CPU minute.
 
-It exists so that `gruserve` can be tried end to end (train -> export -> serve) without a
-dataset download, and so that the result can be checked against the corpus's ground truth:
+It exists so that `gruserve` can be tried without a dataset download or a training run (its
+bundle ships inside the package: gruserve.runtime.demo), and so that the result can be
+checked against the corpus's ground truth:
 measured on a 2-core CPU (bench/train_demo.py, bench/results/train_demo.md) it reaches, on
 the test split, FMR 0.95 (the tip names the aspect the user cares about) and a rating RMSE
 of 0.57 against the ratings' own standard deviation of 1.37 (the RMSE of always predicting
 the mean) and an oracle's 0.42, in 32 epochs.
 
 Every field of both specs is spelled out, so a change of a library default never changes
-the demo model silently.
+the demo model silently. `python -m gruserve.export.demo` (make demo-bundle) retrains it and
+rewrites the shipped checkpoint and bundle.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import os
+import tempfile
 from pathlib import Path
 
+from gruserve.runtime.demo import DEMO_MODEL_DIR
+
+from .checkpoint import load_checkpoint, save_checkpoint
 from .synthetic import SyntheticSpec, make_synthetic_corpus
 from .train import BEST_FILE, TrainConfig, train
 
 log = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "nrt-demo"
+CHECKPOINT_FILE = "checkpoint.pt"
+# the checkpoint the shipped bundle was exported from (in the repository, not in the wheel)
+DEMO_CHECKPOINT = DEMO_MODEL_DIR / CHECKPOINT_FILE
 
 DEMO_SPEC = SyntheticSpec(
     seed=0,
@@ -81,16 +94,48 @@ def build_demo_checkpoint(
     return out / BEST_FILE
 
 
-def build_demo_bundle(
-    bundle_dir: str | os.PathLike[str], *, work_dir: str | os.PathLike[str]
-) -> Path:
-    """Trains the demo model and exports it, verified, to `bundle_dir` (what `gruserve serve`
-    without a bundle calls on first use)."""
+def export_demo_bundle(checkpoint_path: Path, bundle_dir: Path):
+    """The demo's export settings (those of `gruserve export`, named "nrt-demo"): the shipped
+    bundle and the test that checks it both come from here. Returns (path, VerifyReport)."""
     from .verify import export_bundle
 
-    checkpoint_path = build_demo_checkpoint(work_dir)
-    path, report = export_bundle(
-        checkpoint_path, Path(bundle_dir), model_name="nrt-demo", progress=False
-    )
+    return export_bundle(checkpoint_path, bundle_dir, model_name=DEMO_MODEL_NAME, progress=False)
+
+
+def rebuild_demo_model(out_dir: Path = DEMO_MODEL_DIR, *, work_dir: Path) -> Path:
+    """Trains the demo model from scratch and writes what the package ships: out_dir/
+    checkpoint.pt (the best epoch's weights, without the optimizer state only resuming
+    needs) and out_dir/bundle (exported from it and verified against PyTorch)."""
+    best = build_demo_checkpoint(work_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / CHECKPOINT_FILE
+    save_checkpoint(dataclasses.replace(load_checkpoint(best), optimizer_state=None),
+                    checkpoint_path)
+    path, report = export_demo_bundle(checkpoint_path, out_dir / "bundle")
     log.info("demo bundle written and verified against PyTorch: %s", path)
+    print(report.summary())
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gruserve.export.demo",
+        description="Retrain the demo model (DEMO_SPEC, DEMO_TRAIN) and re-export the bundle "
+        "gruserve serve embeds. Deterministic: on one machine and torch build, the same bytes.",
+    )
+    parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR,
+                        help="where checkpoint.pt and bundle/ go (default %(default)s)")
+    parser.add_argument("--work-dir", type=Path,
+                        help="training directory (default: a temporary one, removed after)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.work_dir is not None:
+        rebuild_demo_model(args.out, work_dir=args.work_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="gruserve-demo-") as work:
+            rebuild_demo_model(args.out, work_dir=Path(work))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

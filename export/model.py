@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .weights import Linear, NRTWeights
 
 
 class GRUDecoder(nn.Module):
@@ -150,3 +151,30 @@ def greedy_decode(
         if all(done):
             break
     return outputs, rating
+
+
+def nrt_weights(model: NRT) -> NRTWeights:
+    """The model's weights as numpy arrays: what the ONNX graph builders take."""
+
+    def array(t: torch.Tensor):
+        return t.detach().cpu().float().numpy()
+
+    def linear(layer: nn.Linear) -> Linear:
+        return Linear(array(layer.weight), array(layer.bias))
+
+    enc, dec = model.encoder, model.decoder
+    return NRTWeights(
+        config=model.config,
+        user_embeddings=array(enc.user_embeddings.weight),
+        item_embeddings=array(enc.item_embeddings.weight),
+        first_layer=linear(enc.first_layer),
+        layers=tuple(linear(layer) for layer in enc.layers),
+        last_layer=linear(enc.last_layer),
+        hidden_encoder=linear(enc.hidden_encoder),
+        word_embeddings=array(dec.word_embeddings.weight),
+        gru_weight_ih=array(dec.gru.weight_ih_l0),
+        gru_weight_hh=array(dec.gru.weight_hh_l0),
+        gru_bias_ih=array(dec.gru.bias_ih_l0),
+        gru_bias_hh=array(dec.gru.bias_hh_l0),
+        output=linear(dec.linear),
+    )

@@ -1,10 +1,11 @@
-"""The served ONNX graphs, built node by node from a trained NRT's weights.
+"""The served ONNX graphs, built node by node from an NRT's weights (numpy arrays).
 
 Why by hand and not torch.onnx.export: the production step graph is not the training
 graph. It reads and writes a slot pool of hidden states that stays on the device, runs ArgMax
 (and TopK) in the graph so the host never sees a vocab-sized tensor, and must stay free of
 If/Loop/Scan and host-side shape inputs so ORT can capture it as a CUDA graph. Writing it
 with onnx.helper keeps every node deliberate; `verify` proves it computes what PyTorch does.
+The builders take `NRTWeights`, never a torch module: building a bundle needs numpy and onnx.
 
 The GRU cell follows torch.nn.GRU (gate order r, z, n; the reset gate applied after the
 hidden projection, i.e. ONNX's linear_before_reset=1):
@@ -20,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from .model import NRT
+from .config import ModelConfig
 from .precision import precision_spec
+from .weights import Linear, NRTWeights
 
 OPSET = 18
 # IR 9 is what opset 18 shipped with; older runtimes refuse newer IR versions
@@ -68,8 +69,8 @@ class _GraphBuilder:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def weight(self, name: str, t: torch.Tensor, transpose: bool = False) -> str:
-        array = _np(t).T if transpose else _np(t)
+    def weight(self, name: str, array: np.ndarray, transpose: bool = False) -> str:
+        array = array.T if transpose else array
         return self.const(name, array.astype(self.float_dtype))
 
     def op(self, op_type: str, inputs: list[str], num_outputs: int = 1, name: str = "", **attrs):
@@ -79,7 +80,7 @@ class _GraphBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=base, **attrs))
         return outputs[0] if num_outputs == 1 else outputs
 
-    def linear(self, x: str, layer: torch.nn.Linear, name: str) -> str:
+    def linear(self, x: str, layer: Linear, name: str) -> str:
         """y = x @ W^T + b as MatMul + Add (ORT fuses them; fp16 and CUDA graphs handle both)."""
         w = self.weight(f"{name}.weight_t", layer.weight, transpose=True)
         b = self.weight(f"{name}.bias", layer.bias)
@@ -94,10 +95,6 @@ class _GraphBuilder:
         )
         model.ir_version = IR_VERSION
         return model
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().float().numpy()
 
 
 def _pool_value_info(
@@ -130,15 +127,16 @@ def _axes_consts(g: _GraphBuilder) -> None:
     g.const("axis_1", np.array([1], dtype=np.int64))
 
 
-def build_step_graph(model: NRT, options: StepGraphOptions = StepGraphOptions()) -> onnx.ModelProto:
+def build_step_graph(
+    weights: NRTWeights, options: StepGraphOptions = StepGraphOptions()
+) -> onnx.ModelProto:
     """One decode step for a batch of slots: (pool, read_slots, write_slots, tokens) ->
     (pool', next_token[, topk_logprobs, topk_ids]).
 
     read_slots and write_slots differ only in beam search, where a beam continues from its
     parent's state: reading the parent's slot and writing its own reorders beams for free.
     """
-    cfg = model.config
-    dec = model.decoder
+    cfg = weights.config
     H, V = cfg.hidden_size, cfg.ntoken
     if options.top_k > V:
         raise ValueError(f"top_k={options.top_k} exceeds the vocabulary ({V})")
@@ -152,14 +150,13 @@ def build_step_graph(model: NRT, options: StepGraphOptions = StepGraphOptions())
     else:
         h_all = HIDDEN  # (1, B, H)
     h = g.op("Squeeze", [h_all, "axis_0"])  # (B, H)
-    emb = g.weight("decoder.word_embeddings.weight", dec.word_embeddings.weight)
+    emb = g.weight("decoder.word_embeddings.weight", weights.word_embeddings)
     x = g.op("Gather", [emb, TOKENS], axis=0)  # (B, E)
 
-    gru = dec.gru
-    w_ih = g.weight("gru.weight_ih_t", gru.weight_ih_l0, transpose=True)  # (E, 3H)
-    w_hh = g.weight("gru.weight_hh_t", gru.weight_hh_l0, transpose=True)  # (H, 3H)
-    gi = g.op("Add", [g.op("MatMul", [x, w_ih]), g.weight("gru.bias_ih", gru.bias_ih_l0)])
-    gh = g.op("Add", [g.op("MatMul", [h, w_hh]), g.weight("gru.bias_hh", gru.bias_hh_l0)])
+    w_ih = g.weight("gru.weight_ih_t", weights.gru_weight_ih, transpose=True)  # (E, 3H)
+    w_hh = g.weight("gru.weight_hh_t", weights.gru_weight_hh, transpose=True)  # (H, 3H)
+    gi = g.op("Add", [g.op("MatMul", [x, w_ih]), g.weight("gru.bias_ih", weights.gru_bias_ih)])
+    gh = g.op("Add", [g.op("MatMul", [h, w_hh]), g.weight("gru.bias_hh", weights.gru_bias_hh)])
     split = g.const("gate_split", np.array([H, H, H], dtype=np.int64))
     i_r, i_z, i_n = g.op("Split", [gi, split], num_outputs=3, axis=1)
     h_r, h_z, h_n = g.op("Split", [gh, split], num_outputs=3, axis=1)
@@ -168,7 +165,7 @@ def build_step_graph(model: NRT, options: StepGraphOptions = StepGraphOptions())
     n = g.op("Tanh", [g.op("Add", [i_n, g.op("Mul", [r, h_n])])])
     h_new = g.op("Add", [n, g.op("Mul", [z, g.op("Sub", [h, n])])])  # (1-z)*n + z*h, (B, H)
 
-    logits = g.linear(h_new, dec.linear, "decoder.linear")  # (B, V)
+    logits = g.linear(h_new, weights.output, "decoder.linear")  # (B, V)
     if precision.onnx_dtype != TensorProto.FLOAT:
         # ArgMax, LogSoftmax (a sum over the whole vocabulary) and TopK run in float32
         logits = g.op("Cast", [logits], name="logits_fp32", to=TensorProto.FLOAT)
@@ -228,26 +225,25 @@ def _to_pool_dtype(g: _GraphBuilder, states: str, pool_type: int) -> str:
     return g.op("Cast", [states], to=pool_type)
 
 
-def build_encoder_graph(model: NRT, precision: str = "fp32") -> onnx.ModelProto:
+def build_encoder_graph(weights: NRTWeights, precision: str = "fp32") -> onnx.ModelProto:
     """(pool, slots, users, items) -> (pool', rating): each request's initial state lands in
     its slot on the device; only the rating (B floats) comes back to the host.
 
     float32 in every precision (the rating's class boundary is not safe in half precision);
     only the state is Cast to the pool's dtype."""
-    cfg = model.config
-    enc = model.encoder
+    cfg = weights.config
     pool_type = precision_spec(precision).onnx_dtype
     g = _GraphBuilder()
     _axes_consts(g)
-    user_table = g.weight("encoder.user_embeddings.weight", enc.user_embeddings.weight)
-    item_table = g.weight("encoder.item_embeddings.weight", enc.item_embeddings.weight)
+    user_table = g.weight("encoder.user_embeddings.weight", weights.user_embeddings)
+    item_table = g.weight("encoder.item_embeddings.weight", weights.item_embeddings)
     u = g.op("Gather", [user_table, USERS], axis=0)  # (B, E)
     i = g.op("Gather", [item_table, ITEMS], axis=0)  # (B, E)
     ui = g.op("Concat", [u, i], axis=1)  # (B, 2E)
-    hidden = g.op("Sigmoid", [g.linear(ui, enc.first_layer, "encoder.first_layer")])
-    for index, layer in enumerate(enc.layers):
+    hidden = g.op("Sigmoid", [g.linear(ui, weights.first_layer, "encoder.first_layer")])
+    for index, layer in enumerate(weights.layers):
         hidden = g.op("Sigmoid", [g.linear(hidden, layer, f"encoder.layers.{index}")])
-    rating_2d = g.linear(hidden, enc.last_layer, "encoder.last_layer")  # (B, 1)
+    rating_2d = g.linear(hidden, weights.last_layer, "encoder.last_layer")  # (B, 1)
     g.op("Squeeze", [rating_2d, "axis_1"], name=RATING)  # (B,)
 
     min_r = g.const("min_rating", np.array(cfg.min_rating, dtype=np.float32))
@@ -262,7 +258,7 @@ def build_encoder_graph(model: NRT, precision: str = "fp32") -> onnx.ModelProto:
     )  # (1, R)
     one_hot = g.op("Cast", [g.op("Equal", [rating_class, classes])], to=TensorProto.FLOAT)  # (B, R)
     features = g.op("Concat", [u, i, one_hot], axis=1)
-    state = g.op("Tanh", [g.linear(features, enc.hidden_encoder, "encoder.hidden_encoder")])
+    state = g.op("Tanh", [g.linear(features, weights.hidden_encoder, "encoder.hidden_encoder")])
     pool_out = _scatter_into_pool(g, POOL, SLOTS, _to_pool_dtype(g, state, pool_type))
 
     inputs = [
@@ -278,10 +274,11 @@ def build_encoder_graph(model: NRT, precision: str = "fp32") -> onnx.ModelProto:
     return g.model("gruserve_encoder", inputs, outputs)
 
 
-def build_state_writer_graph(model: NRT, precision: str = "fp32") -> onnx.ModelProto:
+def build_state_writer_graph(config: ModelConfig, precision: str = "fp32") -> onnx.ModelProto:
     """(pool, slots, states (B, L*H) float32) -> pool': conditioning on a caller's raw hidden
-    state. The states stay float32 on the host side in every precision."""
-    cfg = model.config
+    state. The states stay float32 on the host side in every precision (no weights: the
+    graph only needs the sizes)."""
+    cfg = config
     pool_type = precision_spec(precision).onnx_dtype
     g = _GraphBuilder()
     _axes_consts(g)

@@ -13,7 +13,7 @@ from gruserve.runtime.providers import SessionConfig, session_options, wanted_pr
 from gruserve.runtime.runner import StepRunner
 
 from . import onnx_graphs as og
-from .model import NRT, greedy_decode
+from .model import NRT, greedy_decode, nrt_weights
 from .precision import PRECISIONS, PrecisionSpec
 from .verify_report import Checks, GreedyParity
 
@@ -66,7 +66,7 @@ class VerifyGraph:
 
     def __init__(self, model: NRT, precision: str, config: SessionConfig):
         graph = og.build_step_graph(
-            model, og.StepGraphOptions(with_log_probs=True, precision=precision)
+            nrt_weights(model), og.StepGraphOptions(with_log_probs=True, precision=precision)
         )
         self.session = ort.InferenceSession(
             graph.SerializeToString(), session_options(config), providers=wanted_providers(config)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import REVIEWS_FILE, SPLITS, Corpus, records_to_reviews
+from .corpus import INDEX_DIR, REVIEWS_FILE, SPLITS, Corpus, records_to_reviews
 
 ASPECTS: tuple[str, ...] = (
     "room", "staff", "location", "breakfast", "price", "pool",
@@ -66,7 +66,6 @@ FILLERS: tuple[str, ...] = ("honestly", "overall", "well", "also")
 FAVOURITE_TEMPLATE_PROB = 0.7  # else a template drawn uniformly
 RATING_NOISE = 0.35  # std of the Gaussian added before rounding
 MAX_USER_BIAS = 0.5
-INDEX_DIR = "index"
 PICKLE_PROTOCOL = 4  # fixed so the bytes do not depend on the Python version's default
 
 

@@ -4,8 +4,8 @@ One epoch = one pass over the training split in shuffled mini-batches; after eac
 validation split decides early stopping, and the best model so far is the checkpoint.
 
 Reproducibility and resume. All randomness of a run comes from `config.seed`:
-the model's initial weights from `torch.manual_seed(seed)`, and the shuffle of epoch `e`
-from a generator seeded with `(seed, e)` alone. So an interrupted run resumed from its
+the model's initial weights and the shuffle of epoch `e` (from `seed_torch(seed, 0)` and
+`seed_torch(seed, e)`, the one place seeds are derived). So an interrupted run resumed from its
 `last.pt` draws exactly the batches the uninterrupted run would have drawn, and with the
 optimizer state (Adam's moments and step count), the epoch counter, the best validation
 loss and the early-stopping counter restored from the checkpoint, it ends with the same
@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -36,15 +35,13 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import ModelConfig
-from .corpus import REVIEWS_FILE, SPLITS, Corpus, CorpusError, Review, load_corpus, tokenize
+from .corpus import Corpus, CorpusError, Review, tokenize
 from .model import NRT, nrt_loss, sentence_format
-from .synthetic import INDEX_DIR, SyntheticSpec, make_synthetic_corpus
 from .vocab import EntityIndex, Vocabulary
 
 log = logging.getLogger(__name__)
 
 TRAIN_STATE_FORMAT = "gruserve-train-state/1"
-SYNTHETIC = "synthetic"
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
 
@@ -139,79 +136,6 @@ class EpochStats:
 # Data
 
 
-def load_training_corpus(
-    data: str | os.PathLike[str],
-    *,
-    index_dir: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-) -> Corpus:
-    """The corpus named by a `--data` argument.
-
-    - `"synthetic"`: the built-in corpus with ground truth, `SyntheticSpec(seed=seed)`
-      (the keyword always wins; write `./synthetic` for a directory of that name);
-    - a directory holding `reviews.pickle` (or the path of that file), with its split files
-      taken from `index_dir` if given (absolute, or relative to the data directory, so
-      `index_dir="2"` picks NLG4RS split 2), else found in the data directory itself, in
-      `DIR/index/` (what `write_synthetic_corpus` writes), or in the NLG4RS split folders
-      `DIR/1/ ... DIR/5/` (the lowest-numbered one; pass `index_dir` to pick another).
-
-    A layout that matches none of these raises `CorpusError` saying what was looked for.
-    """
-    if isinstance(data, str) and data == SYNTHETIC:
-        if index_dir is not None:
-            raise CorpusError("index_dir is meaningless with the built-in synthetic corpus")
-        return make_synthetic_corpus(SyntheticSpec(seed=seed))
-    path = Path(data)
-    if path.is_file() and path.name == REVIEWS_FILE:
-        path = path.parent
-    if not path.exists():
-        raise CorpusError(
-            f"{path}: no such directory; --data takes {SYNTHETIC!r} or a directory "
-            f"holding {REVIEWS_FILE} and its split index files"
-        )
-    if not path.is_dir():
-        raise CorpusError(f"{path}: expected a directory holding {REVIEWS_FILE}, got a file")
-    reviews = path / REVIEWS_FILE
-    if not reviews.is_file():
-        raise CorpusError(f"{path}: no {REVIEWS_FILE} in this directory")
-    if index_dir is not None:
-        chosen = Path(index_dir)
-        if not chosen.exists() and not chosen.is_absolute() and (path / chosen).exists():
-            chosen = path / chosen
-        return load_corpus(reviews, chosen)
-    return load_corpus(reviews, _find_index_dir(path))
-
-
-def _has_index_files(directory: Path) -> bool:
-    return all((directory / f"{name}.index").is_file() for name in SPLITS)
-
-
-def _find_index_dir(data_dir: Path) -> Path:
-    if _has_index_files(data_dir):
-        return data_dir
-    if _has_index_files(data_dir / INDEX_DIR):
-        return data_dir / INDEX_DIR
-    numbered = sorted(
-        (p for p in data_dir.iterdir() if p.is_dir() and p.name.isdigit() and _has_index_files(p)),
-        key=lambda p: int(p.name),
-    )
-    if numbered:
-        if len(numbered) > 1:
-            log.info(
-                "%s: using split folder %s of %s; pass --index-dir to pick another",
-                data_dir,
-                numbered[0].name,
-                ", ".join(p.name for p in numbered),
-            )
-        return numbered[0]
-    files = ", ".join(f"{name}.index" for name in SPLITS)
-    raise CorpusError(
-        f"{data_dir}: corpus layout not recognised: {files} not found in the directory, "
-        f"in {INDEX_DIR}/, or in a numbered NLG4RS split folder (1/, 2/, ...); "
-        f"pass --index-dir"
-    )
-
-
 def build_vocabularies(
     corpus: Corpus, vocab_size: int
 ) -> tuple[Vocabulary, EntityIndex, EntityIndex]:
@@ -275,9 +199,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The shuffle of one epoch depends on (seed, epoch) only, so resume replays it exactly."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def seed_torch(seed: int, epoch: int) -> torch.Generator:
+    """Seeds torch's global RNG for one epoch of a run and returns a generator with the same
+    seed for the epoch's shuffle. Epoch 0 is the model's initialisation (seeded with `seed`
+    itself); epoch e >= 1 depends on (seed, e) only, so a resumed run replays it exactly."""
+    value = seed if epoch == 0 else seed * 1_000_003 + epoch
+    torch.manual_seed(value)
+    return torch.Generator().manual_seed(value)
 
 
 def run_epoch(
@@ -355,13 +283,46 @@ def train(
             torch.set_num_threads(previous_threads)  # leave the process as we found it
 
 
+@dataclass
+class _Run:
+    """One training run: what it trains, and the progress a resume restores."""
+
+    config: TrainConfig
+    model_config: ModelConfig
+    vocab: Vocabulary
+    users: EntityIndex
+    items: EntityIndex
+    model: NRT
+    optimizer: torch.optim.Optimizer
+    train_data: EncodedSplit
+    valid_data: EncodedSplit
+    out_dir: Path
+    next_epoch: int = 1
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    # epochs since the last improvement of the validation loss (early stopping)
+    stale: int = 0
+    history: list[EpochStats] = dataclasses.field(default_factory=list)
+    best: Checkpoint | None = None
+
+
 def _train(
     corpus: Corpus, config: TrainConfig, out_dir: Path, resume: Checkpoint | None
 ) -> tuple[Checkpoint, list[EpochStats]]:
-    out_dir = Path(out_dir)
+    run = _start(corpus, config, Path(out_dir), resume)
+    if resume is not None:
+        _restore(run, resume)
+    _epoch_loop(run)
+    if run.best is None:
+        raise RuntimeError("training produced no checkpoint (max_epochs reached before epoch 1?)")
+    return run.best, run.history
+
+
+def _start(corpus: Corpus, config: TrainConfig, out_dir: Path, resume: Checkpoint | None) -> _Run:
+    """The vocabulary, the encoded splits and a freshly initialised model and optimizer."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
+    seed_torch(config.seed, epoch=0)
     if resume is not None:
         vocab, users, items = resume.vocab, resume.users, resume.items
         model_config = resume.model_config
@@ -379,142 +340,128 @@ def _train(
             max_rating=float(corpus.max_rating),
             max_len=config.max_len,
         )
-    train_data = _encode_for_training(corpus, "train", vocab, users, items, model_config.max_len)
-    valid_data = _encode_for_training(
-        corpus, "validation", vocab, users, items, model_config.max_len
-    )
-    model = NRT(model_config).to(device)
+    max_len = model_config.max_len
+    train_data = _encode_for_training(corpus, "train", vocab, users, items, max_len)
+    valid_data = _encode_for_training(corpus, "validation", vocab, users, items, max_len)
+    model = NRT(model_config).to(device)  # initial weights: from seed_torch above
     log.info(
         "training on %s: %d train / %d validation reviews, %d words, %d users, %d items, "
         "%d parameters",
-        device,
-        len(train_data),
-        len(valid_data),
-        len(vocab),
-        len(users),
-        len(items),
+        device, len(train_data), len(valid_data), len(vocab), len(users), len(items),
         sum(p.numel() for p in model.parameters()),
     )
-
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    start_epoch, best_loss, best_epoch, stale = 1, math.inf, 0, 0
-    history: list[EpochStats] = []
-    best: Checkpoint | None = None
-    if resume is not None:
-        model.load_state_dict(resume.state_dict)
-        state = _read_train_state(resume)
-        if state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        else:
-            log.warning("resume: checkpoint has no optimizer state; Adam starts afresh")
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr  # the schedule is the caller's, as documented
-        start_epoch = resume.epoch + 1
-        best_loss = resume.best_valid_loss
-        best_epoch = state["best_epoch"]
-        stale = state["epochs_without_improvement"]
-        history = [EpochStats(**h) for h in state["history"]]
-        best = _resumed_best(resume, best_epoch, out_dir)
-        if _epoch_on_disk(out_dir / BEST_FILE) != best.epoch:
-            save_checkpoint(best, out_dir / BEST_FILE)  # resuming into a new out_dir
-        log.info(
-            "resuming after epoch %d (best valid loss %.4f at epoch %d, %d epoch(s) without "
-            "improvement)",
-            resume.epoch,
-            best_loss,
-            best_epoch,
-            stale,
-        )
+    return _Run(config, model_config, vocab, users, items, model, optimizer, train_data,
+                valid_data, out_dir)
 
-    if start_epoch > config.max_epochs:
+
+def _restore(run: _Run, resume: Checkpoint) -> None:
+    """Weights, Adam's state, the epoch counter, the best loss and early-stopping state."""
+    run.model.load_state_dict(resume.state_dict)
+    state = _read_train_state(resume)
+    if state["optimizer"] is not None:
+        run.optimizer.load_state_dict(state["optimizer"])
+    else:
+        log.warning("resume: checkpoint has no optimizer state; Adam starts afresh")
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.config.lr  # the schedule is the caller's, as documented
+    run.next_epoch = resume.epoch + 1
+    run.best_loss = resume.best_valid_loss
+    run.best_epoch = state["best_epoch"]
+    run.stale = state["epochs_without_improvement"]
+    run.history = [EpochStats(**h) for h in state["history"]]
+    run.best = _resumed_best(resume, run.best_epoch, run.out_dir)
+    if _epoch_on_disk(run.out_dir / BEST_FILE) != run.best.epoch:
+        save_checkpoint(run.best, run.out_dir / BEST_FILE)  # resuming into a new out_dir
+    log.info(
+        "resuming after epoch %d (best valid loss %.4f at epoch %d, %d epoch(s) without "
+        "improvement)",
+        resume.epoch, run.best_loss, run.best_epoch, run.stale,
+    )
+
+
+def _epoch_loop(run: _Run) -> None:
+    config = run.config
+    if run.next_epoch > config.max_epochs:
         log.info(
             "nothing to do: resumed after epoch %d, max_epochs is %d",
-            start_epoch - 1,
-            config.max_epochs,
+            run.next_epoch - 1, config.max_epochs,
         )
     started = time.monotonic()
-    for epoch in range(start_epoch, config.max_epochs + 1):
-        if stale >= config.patience:
-            log.info("early stop: no validation improvement for %d epochs", stale)
+    for epoch in range(run.next_epoch, config.max_epochs + 1):
+        if run.stale >= config.patience:
+            log.info("early stop: no validation improvement for %d epochs", run.stale)
             break
         if config.max_seconds and time.monotonic() - started > config.max_seconds:
             log.info("stopping: time budget of %.0fs used", config.max_seconds)
             break
-        t0 = time.monotonic()
-        torch.manual_seed(config.seed * 1_000_003 + epoch)  # any global-RNG use, per epoch too
-        train_nll, train_mse = run_epoch(
-            model,
-            train_data,
-            vocab.pad_id,
-            config.rating_weight,
-            config.batch_size,
-            optimizer,
-            epoch_generator(config.seed, epoch),
-            desc=f"epoch {epoch}/{config.max_epochs}",
-            clip_norm=config.clip_norm,
-        )
-        valid_nll, valid_mse = run_epoch(
-            model,
-            valid_data,
-            vocab.pad_id,
-            config.rating_weight,
-            config.batch_size,
-            None,
-            desc="validation",
-        )
-        valid_loss = valid_nll + config.rating_weight * valid_mse
-        improved = valid_loss < best_loss
-        if improved:
-            best_loss, best_epoch, stale = valid_loss, epoch, 0
-        else:
-            stale += 1
-        stats = EpochStats(
-            epoch=epoch,
-            train_ppl=_ppl(train_nll),
-            train_rating_mse=train_mse,
-            valid_ppl=_ppl(valid_nll),
-            valid_rating_mse=valid_mse,
-            valid_loss=valid_loss,
-            seconds=time.monotonic() - t0,
-        )
-        history.append(stats)
-        log.info(
-            "epoch %d/%d: train ppl %.3f rating mse %.4f | valid ppl %.3f rating mse %.4f | "
-            "%.1fs%s",
-            epoch,
-            config.max_epochs,
-            stats.train_ppl,
-            train_mse,
-            stats.valid_ppl,
-            valid_mse,
-            stats.seconds,
-            " | best" if improved else f" | {stale} without improvement",
-        )
-        checkpoint = Checkpoint(
-            model_config=model_config,
-            state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            vocab=vocab,
-            users=users,
-            items=items,
-            epoch=epoch,
-            best_valid_loss=best_loss,
-            train_config=config.to_dict(),
-            optimizer_state={
-                "format": TRAIN_STATE_FORMAT,
-                # a deep CPU copy: Adam updates its tensors in place on the next step
-                "optimizer": _to_cpu(optimizer.state_dict()),
-                "best_epoch": best_epoch,
-                "epochs_without_improvement": stale,
-                "history": [h.to_dict() for h in history],
-            },
-        )
-        save_checkpoint(checkpoint, out_dir / LAST_FILE)
-        if improved:
-            best = checkpoint
-            save_checkpoint(checkpoint, out_dir / BEST_FILE)
-    if best is None:
-        raise RuntimeError("training produced no checkpoint (max_epochs reached before epoch 1?)")
-    return best, history
+        improved = _train_one_epoch(run, epoch)
+        _save_checkpoints(run, epoch, improved)
+
+
+def _train_one_epoch(run: _Run, epoch: int) -> bool:
+    """Trains one epoch, validates, updates the early-stopping state; True if it improved."""
+    config = run.config
+    t0 = time.monotonic()
+    shuffle = seed_torch(config.seed, epoch)  # any global-RNG use is per epoch too
+    train_nll, train_mse = run_epoch(
+        run.model, run.train_data, run.vocab.pad_id, config.rating_weight, config.batch_size,
+        run.optimizer, shuffle, desc=f"epoch {epoch}/{config.max_epochs}",
+        clip_norm=config.clip_norm,
+    )
+    valid_nll, valid_mse = run_epoch(
+        run.model, run.valid_data, run.vocab.pad_id, config.rating_weight, config.batch_size,
+        None, desc="validation",
+    )
+    valid_loss = valid_nll + config.rating_weight * valid_mse
+    improved = valid_loss < run.best_loss
+    if improved:
+        run.best_loss, run.best_epoch, run.stale = valid_loss, epoch, 0
+    else:
+        run.stale += 1
+    stats = EpochStats(
+        epoch=epoch,
+        train_ppl=_ppl(train_nll),
+        train_rating_mse=train_mse,
+        valid_ppl=_ppl(valid_nll),
+        valid_rating_mse=valid_mse,
+        valid_loss=valid_loss,
+        seconds=time.monotonic() - t0,
+    )
+    run.history.append(stats)
+    log.info(
+        "epoch %d/%d: train ppl %.3f rating mse %.4f | valid ppl %.3f rating mse %.4f | "
+        "%.1fs%s",
+        epoch, config.max_epochs, stats.train_ppl, train_mse, stats.valid_ppl, valid_mse,
+        stats.seconds, " | best" if improved else f" | {run.stale} without improvement",
+    )
+    return improved
+
+
+def _save_checkpoints(run: _Run, epoch: int, improved: bool) -> None:
+    """last.pt after every epoch (for resume), best.pt when the epoch improved."""
+    checkpoint = Checkpoint(
+        model_config=run.model_config,
+        state_dict={k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()},
+        vocab=run.vocab,
+        users=run.users,
+        items=run.items,
+        epoch=epoch,
+        best_valid_loss=run.best_loss,
+        train_config=run.config.to_dict(),
+        optimizer_state={
+            "format": TRAIN_STATE_FORMAT,
+            # a deep CPU copy: Adam updates its tensors in place on the next step
+            "optimizer": _to_cpu(run.optimizer.state_dict()),
+            "best_epoch": run.best_epoch,
+            "epochs_without_improvement": run.stale,
+            "history": [h.to_dict() for h in run.history],
+        },
+    )
+    save_checkpoint(checkpoint, run.out_dir / LAST_FILE)
+    if improved:
+        run.best = checkpoint
+        save_checkpoint(checkpoint, run.out_dir / BEST_FILE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,9 +32,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     bundle = args.bundle
     if bundle is None:
-        from .demo import ensure_demo_bundle
+        from .demo import demo_bundle_dir
 
-        bundle = ensure_demo_bundle()
+        bundle = demo_bundle_dir()
     return asyncio.run(serve_forever(bundle, config))
 
 
@@ -153,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="serve a model bundle over gRPC",
         description="Serve a bundle over gRPC (health, reflection, optional TLS/auth/metrics). "
-        "Without BUNDLE, serves the built-in demo model, training it on first use.",
+        "Without BUNDLE, serves the demo model embedded in the package (users u0000..u0199, "
+        "items i0000..i0099).",
         epilog=PRECEDENCE_NOTE,
     )
-    p.add_argument("bundle", nargs="?", help="bundle directory (default: the built-in demo bundle)")
+    p.add_argument("bundle", nargs="?", help="bundle directory (default: the embedded demo model)")
     add_config_arguments(p)
     p.set_defaults(func=_cmd_serve)
 

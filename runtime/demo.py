@@ -1,48 +1,28 @@
-"""The built-in demo bundle: trained on the synthetic corpus on first use, then reused.
+"""The embedded demo model: what `gruserve serve` serves when it is given no bundle.
 
-Lives under $GRUSERVE_HOME (default ~/.cache/gruserve). Building needs the export extra
-(torch, onnx); serving an already-built demo bundle does not.
+A small NRT trained on the built-in synthetic corpus, exported and verified, and shipped
+inside the package as data (gruserve/runtime/demo_model/bundle, 1.2 MB), so a runtime-only
+install (`pip install gruserve`, no torch) serves it at once. The checkpoint it was exported
+from stays in the repository beside it (runtime/demo_model/checkpoint.pt), out of the wheel;
+`make demo-bundle` (gruserve.export.demo) rebuilds both, and tests/test_demo_model.py proves
+the shipped bundle is what that checkpoint exports to.
 """
 
 from __future__ import annotations
 
-import fcntl
-import logging
-import os
 from pathlib import Path
 
-from .bundle import BundleError, load_bundle
+from .bundle import MANIFEST, BundleError
 
-log = logging.getLogger(__name__)
-
-DEMO_NAME = "demo-bundle-v1"
-
-
-def gruserve_home() -> Path:
-    return Path(os.environ.get("GRUSERVE_HOME") or Path.home() / ".cache" / "gruserve")
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+DEMO_BUNDLE = DEMO_MODEL_DIR / "bundle"
 
 
-def ensure_demo_bundle(home: Path | None = None) -> Path:
-    """Returns the demo bundle's path, building it first if it is missing or broken."""
-    home = home or gruserve_home()
-    bundle_dir = home / DEMO_NAME
-    home.mkdir(parents=True, exist_ok=True)
-    # one builder at a time: a second `gruserve serve` waits, then reuses the result
-    with open(home / f"{DEMO_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if bundle_dir.exists():
-            try:
-                load_bundle(bundle_dir)
-                return bundle_dir
-            except BundleError as exc:
-                log.warning("demo bundle unusable (%s): rebuilding", exc)
-        try:
-            from gruserve.export.demo import build_demo_bundle
-        except ImportError as exc:
-            raise BundleError(
-                f"{bundle_dir}: no demo bundle yet, and building one needs the export extra "
-                f"(pip install 'gruserve[export]'): {exc}"
-            ) from None
-        log.info("building the demo bundle in %s (first use: a minute or two)", bundle_dir)
-        build_demo_bundle(bundle_dir, work_dir=home / f"{DEMO_NAME}-train")
-    return bundle_dir
+def demo_bundle_dir() -> Path:
+    """The embedded demo bundle's directory (load_bundle checks its files and hashes)."""
+    if not (DEMO_BUNDLE / MANIFEST).is_file():
+        raise BundleError(
+            f"{DEMO_BUNDLE}: the embedded demo bundle is missing from this installation "
+            "(reinstall gruserve, or give a bundle directory)"
+        )
+    return DEMO_BUNDLE

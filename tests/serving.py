@@ -1,9 +1,16 @@
-"""Runs a real GruServer on a real socket (port 0) in a background event-loop thread, and
-the tools the server tests share: a gate on decode steps, a /metrics scraper, polling."""
+"""Runs a real GruServer on a real socket (port 0) in a background event-loop thread, or a
+real `gruserve serve` process, and the tools the server tests share: a gate on decode steps,
+a /metrics scraper, polling."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
+import re
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -153,3 +160,78 @@ class StepGate:
             )
         if not ok:
             raise AssertionError(f"step {num_steps} never reached the gate")
+
+
+# Slows every decode step in the child process, so that its requests are still in flight
+# when a signal comes: a test double injected at interpreter start (PYTHONPATH), the
+# command line itself stays exactly what an operator runs.
+SITECUSTOMIZE = textwrap.dedent("""
+    import os
+    import time
+
+    from gruserve.runtime import runner
+
+    _delay = float(os.environ["GRUSERVE_TEST_STEP_DELAY_S"])
+    _step = runner.StepRunner.step
+
+    def _slow_step(self, *args, **kwargs):
+        time.sleep(_delay)
+        return _step(self, *args, **kwargs)
+
+    runner.StepRunner.step = _slow_step
+""")
+
+
+class ServeProcess:
+    """`python -m gruserve.runtime serve [BUNDLE] --port 0 ...` in a child process.
+
+    bundle_dir None serves the default (the embedded demo). `command` replaces the
+    interpreter part, e.g. [python, "-X", "importtime", "-m", "gruserve.runtime"] or the
+    installed `gruserve` script. With step_delay_s, every decode step sleeps that long."""
+
+    def __init__(self, bundle_dir, tmp_path, *args: str, step_delay_s: float = 0.0,
+                 command: list[str] | None = None) -> None:
+        env = dict(os.environ)
+        if step_delay_s:
+            (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(tmp_path), env.get("PYTHONPATH")) if p
+            )
+            env["GRUSERVE_TEST_STEP_DELAY_S"] = str(step_delay_s)
+        command = command or [sys.executable, "-m", "gruserve.runtime"]
+        bundle = [] if bundle_dir is None else [str(bundle_dir)]
+        self.proc = subprocess.Popen(
+            [*command, "serve", *bundle, "--port", "0", "--device", "cpu", "--threads", "1",
+             *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        self.stdout: queue.Queue[str] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout.put),
+                         daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append),
+                         daemon=True).start()
+
+    @staticmethod
+    def _pump(stream, sink) -> None:
+        for line in stream:
+            sink(line)
+
+    def wait_serving(self) -> str:
+        """The HOST:PORT the child prints once it is SERVING."""
+        while True:
+            try:
+                line = self.stdout.get(timeout=60)
+            except queue.Empty:
+                raise AssertionError("no 'serving' line:\n" + "".join(self.stderr)) from None
+            match = re.match(r"gruserve: serving .* on (\S+):(\d+)$", line.strip())
+            if match:
+                return f"{match[1]}:{match[2]}"
+
+    def finish(self, timeout: float = WAIT_S) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()

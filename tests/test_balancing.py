@@ -23,8 +23,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_bundle):
-    return {"user": tiny_bundle.users[0], "item": tiny_bundle.items[0]}
+def pair(synthetic_bundle):
+    return {"user": synthetic_bundle.users[0], "item": synthetic_bundle.items[0]}
 
 
 def _count(server, rpc: str, code: str = "OK") -> float:
@@ -103,8 +103,8 @@ def _break(engine, *, hold: threading.Event | None = None) -> threading.Event:
     return began
 
 
-def test_unavailable_is_retried_for_idempotent_calls_only(tiny_bundle_dir, pair):
-    with running_server(tiny_bundle_dir, metrics_port=0) as server:
+def test_unavailable_is_retried_for_idempotent_calls_only(synthetic_bundle_dir, pair):
+    with running_server(synthetic_bundle_dir, metrics_port=0) as server:
         with GruserveClient(server.target) as client:
             _break(server.engine)
             calls = {
@@ -125,8 +125,8 @@ def test_unavailable_is_retried_for_idempotent_calls_only(tiny_bundle_dir, pair)
 
 
 @pytest.fixture
-def two_replicas(tiny_bundle_dir):
-    replicas = [ServerThread(tiny_bundle_dir, metrics_port=0).start() for _ in range(2)]
+def two_replicas(synthetic_bundle_dir):
+    replicas = [ServerThread(synthetic_bundle_dir, metrics_port=0).start() for _ in range(2)]
     try:
         yield replicas
     finally:
@@ -241,9 +241,9 @@ def _client_ports(server_port: int) -> set[int]:
 
 @pytest.mark.parametrize("age_s, min_connections, max_connections", [(0.3, 3, 99), (0.0, 1, 1)])
 def test_connections_are_closed_past_their_age_and_calls_finish(
-    tiny_bundle_dir, pair, age_s, min_connections, max_connections
+    synthetic_bundle_dir, pair, age_s, min_connections, max_connections
 ):
-    with running_server(tiny_bundle_dir, max_connection_age_s=age_s,
+    with running_server(synthetic_bundle_dir, max_connection_age_s=age_s,
                         max_connection_age_grace_s=10.0) as server:
         real_step = server.engine.runner.step
 

@@ -16,9 +16,9 @@ from gruserve.runtime.runner import StepRunner
 
 
 @pytest.fixture
-def bundle_copy(tmp_path, tiny_bundle_dir) -> Path:
-    """A private copy of the tiny bundle, free to break."""
-    return Path(shutil.copytree(tiny_bundle_dir, tmp_path / "bundle"))
+def bundle_copy(tmp_path, synthetic_bundle_dir) -> Path:
+    """A private copy of the synthetic bundle, free to break."""
+    return Path(shutil.copytree(synthetic_bundle_dir, tmp_path / "bundle"))
 
 
 def read_manifest(bundle_dir: Path) -> dict:

@@ -32,8 +32,8 @@ def _serve(bundle_dir) -> subprocess.CompletedProcess:
     )
 
 
-def test_serve_refuses_a_bundle_with_a_missing_file(tiny_bundle_dir, tmp_path):
-    broken = shutil.copytree(tiny_bundle_dir, tmp_path / "bundle")
+def test_serve_refuses_a_bundle_with_a_missing_file(synthetic_bundle_dir, tmp_path):
+    broken = shutil.copytree(synthetic_bundle_dir, tmp_path / "bundle")
     (broken / "decoder_step.onnx").unlink()
     result = _serve(broken)
     assert result.returncode == 2
@@ -41,8 +41,8 @@ def test_serve_refuses_a_bundle_with_a_missing_file(tiny_bundle_dir, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_serve_refuses_an_altered_bundle_file(tiny_bundle_dir, tmp_path):
-    broken = shutil.copytree(tiny_bundle_dir, tmp_path / "bundle")
+def test_serve_refuses_an_altered_bundle_file(synthetic_bundle_dir, tmp_path):
+    broken = shutil.copytree(synthetic_bundle_dir, tmp_path / "bundle")
     vocab = broken / "vocab.json"
     words = json.loads(vocab.read_text())
     words[10] = "tampered"

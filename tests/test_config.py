@@ -117,8 +117,8 @@ def test_overrides_find_the_section_and_refuse_unknown_names():
         ServerConfig().with_overrides(slots=8)
 
 
-def test_limits_set_by_configuration_reach_the_served_api(tiny_bundle_dir):
-    with running_server(tiny_bundle_dir, max_beams=2, max_stop_tokens=1, max_tokens=20) as s:
+def test_limits_set_by_configuration_reach_the_served_api(synthetic_bundle_dir):
+    with running_server(synthetic_bundle_dir, max_beams=2, max_stop_tokens=1, max_tokens=20) as s:
         with GruserveClient(s.target) as client:
             info = client.model_info()
             assert (info.max_beams, info.max_stop_tokens, info.max_tokens) == (2, 1, 20)

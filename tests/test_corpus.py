@@ -1,9 +1,18 @@
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 
-from gruserve.export.corpus import Corpus, CorpusError, Review, load_corpus, tokenize
+from gruserve.export.corpus import (
+    Corpus,
+    CorpusError,
+    Review,
+    load_corpus,
+    load_training_corpus,
+    tokenize,
+)
+from gruserve.export.synthetic import SyntheticSpec, make_synthetic_corpus, write_synthetic_corpus
 
 
 def _record(user="u1", item="i1", rating=4.0, template=None):
@@ -170,3 +179,48 @@ def test_empty_split(tmp_path, text):
 
 def test_corpus_error_is_a_value_error():
     assert issubclass(CorpusError, ValueError)
+
+
+# ---------------------------------------------------------------- --data resolution
+
+LAYOUT_SPEC = SyntheticSpec(seed=5, num_users=20, num_items=15, num_reviews=240)
+
+
+def test_load_training_corpus_synthetic():
+    assert load_training_corpus("synthetic", seed=3) == make_synthetic_corpus(SyntheticSpec(seed=3))
+
+
+@pytest.fixture(scope="module")
+def nlg4rs_dir(tmp_path_factory):
+    """The NLG4RS layout: DIR/reviews.pickle and the split folders DIR/1, DIR/2."""
+    root = tmp_path_factory.mktemp("nlg4rs")
+    _, index = write_synthetic_corpus(root, LAYOUT_SPEC)
+    shutil.copytree(index, root / "1")
+    shutil.copytree(index, root / "2")
+    (root / "2" / "test.index").write_text("0 1 2")
+    shutil.rmtree(index)
+    return root
+
+
+def test_load_training_corpus_nlg4rs_layouts(nlg4rs_dir, tmp_path):
+    expected = make_synthetic_corpus(LAYOUT_SPEC)
+    assert load_training_corpus(nlg4rs_dir) == expected  # the lowest split folder, 1/
+    assert load_training_corpus(str(nlg4rs_dir / "reviews.pickle")) == expected
+    assert load_training_corpus(nlg4rs_dir, index_dir="2").test == (0, 1, 2)
+    assert load_training_corpus(nlg4rs_dir, index_dir=nlg4rs_dir / "2").test == (0, 1, 2)
+    # what write_synthetic_corpus writes: DIR/index/
+    write_synthetic_corpus(tmp_path, LAYOUT_SPEC)
+    assert load_training_corpus(tmp_path) == expected
+
+
+def test_load_training_corpus_unrecognised_layouts(tmp_path):
+    with pytest.raises(CorpusError, match="no such directory"):
+        load_training_corpus(tmp_path / "missing")
+    with pytest.raises(CorpusError, match="no reviews.pickle"):
+        load_training_corpus(tmp_path)
+    write_synthetic_corpus(tmp_path, LAYOUT_SPEC)
+    shutil.rmtree(tmp_path / "index")
+    with pytest.raises(CorpusError, match="layout not recognised"):
+        load_training_corpus(tmp_path)
+    with pytest.raises(CorpusError, match="index directory not found"):
+        load_training_corpus(tmp_path, index_dir="7")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
+pytest.importorskip("torch", reason="needs the export extra; the torch-free lane skips it")
+
 import torch
 
 from gruserve.export.model import greedy_decode

@@ -1,4 +1,4 @@
-"""The engine on the tiny real model: ORT runner, decode thread, asyncio facade.
+"""The engine on real ORT sessions: runner, decode thread, asyncio facade.
 
 No wall-clock assertions: every wait is bounded by a timeout only so that a broken engine
 fails the test instead of hanging it.
@@ -13,39 +13,41 @@ import threading
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
-import torch  # noqa: E402
-
-from gruserve.export.model import greedy_decode  # noqa: E402
-from gruserve.runtime.bundle import ModelInfo  # noqa: E402
-from gruserve.runtime.config import SchedulerConfig  # noqa: E402
-from gruserve.runtime.core import EngineCore  # noqa: E402
-from gruserve.runtime.engine import Engine  # noqa: E402
-from gruserve.runtime.errors import (  # noqa: E402
+from gruserve.runtime.bundle import ModelInfo
+from gruserve.runtime.config import SchedulerConfig
+from gruserve.runtime.core import EngineCore
+from gruserve.runtime.engine import Engine
+from gruserve.runtime.errors import (
     EngineDeadError,
     QueueFullError,
     RequestAbortedError,
 )
-from gruserve.runtime.requests import DecodingParams, FinishReason, Strategy  # noqa: E402
-from gruserve.runtime.runner import StepRunner  # noqa: E402
-from gruserve.runtime.sampler import SamplingParams  # noqa: E402
-from gruserve.runtime.stats import StepStats  # noqa: E402
+from gruserve.runtime.requests import DecodingParams, FinishReason, Strategy
+from gruserve.runtime.runner import StepRunner
+from gruserve.runtime.sampler import SamplingParams
+from gruserve.runtime.stats import StepStats
 
-from .serving import StepGate  # noqa: E402
+from .serving import StepGate
 
 TIMEOUT_S = 60  # a bound so that no test loops forever, never a performance assertion
 NUM_SLOTS = 16
 
 
+# wiring runs on the synthetic bundle; only the comparison with PyTorch needs the trained one
 @pytest.fixture(scope="module")
-def runner(tiny_bundle):
-    return StepRunner(tiny_bundle, num_slots=NUM_SLOTS)
+def runner(synthetic_bundle):
+    return StepRunner(synthetic_bundle, num_slots=NUM_SLOTS)
 
 
 @pytest.fixture(scope="module")
-def info(tiny_bundle):
-    return ModelInfo.from_bundle(tiny_bundle)
+def info(synthetic_bundle):
+    return ModelInfo.from_bundle(synthetic_bundle)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bundle):
+    """(runner, info) of the trained tiny model."""
+    return StepRunner(tiny_bundle, num_slots=NUM_SLOTS), ModelInfo.from_bundle(tiny_bundle)
 
 
 def make_engine(runner, info, config) -> Engine:
@@ -149,7 +151,12 @@ def test_each_request_is_the_same_alone_and_in_a_busy_staggered_batch(runner, in
             assert busy[request_id].logprobs == pytest.approx(out.logprobs, abs=1e-4)
 
 
-def test_greedy_engine_output_equals_pytorch_greedy_decode(runner, info, tiny_checkpoint):
+def test_greedy_engine_output_equals_pytorch_greedy_decode(trained, tiny_checkpoint):
+    import torch
+
+    from gruserve.export.model import greedy_decode
+
+    runner, info = trained
     checkpoint, _ = tiny_checkpoint
     model = checkpoint.build_model()
     max_tokens = checkpoint.model_config.max_len

@@ -9,6 +9,9 @@ import warnings
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torch", reason="needs the export extra; the torch-free lane skips it")
+
 import torch
 
 from gruserve.export import metrics

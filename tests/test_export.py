@@ -8,8 +8,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+
+pytest.importorskip("torch", reason="needs the export extra; the torch-free lane skips it")
+pytest.importorskip("onnx", reason="needs the export extra; the torch-free lane skips it")
+
+import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 

@@ -35,8 +35,8 @@ SAMPLE = dict(strategy="sample", max_tokens=12, temperature=1.5, top_p=0.95, see
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir):
-    with running_server(tiny_bundle_dir, metrics_port=0) as s:
+def server(synthetic_bundle_dir):
+    with running_server(synthetic_bundle_dir, metrics_port=0) as s:
         yield s
 
 
@@ -53,13 +53,13 @@ def native(server):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_bundle):
-    return tiny_bundle.name
+def model(synthetic_bundle):
+    return synthetic_bundle.name
 
 
 @pytest.fixture(scope="module")
-def pairs(tiny_bundle):
-    return list(zip(tiny_bundle.users[:8], tiny_bundle.items[:8], strict=True))
+def pairs(synthetic_bundle):
+    return list(zip(synthetic_bundle.users[:8], synthetic_bundle.items[:8], strict=True))
 
 
 def id_inputs(pairs, *, column: bool = False) -> list[triton.InferInput]:
@@ -120,20 +120,20 @@ def status_of(error: InferenceServerException) -> str:
 # --- health and metadata --------------------------------------------------------------------
 
 
-def test_live_ready_and_metadata(client, model, tiny_bundle, server):
+def test_live_ready_and_metadata(client, model, synthetic_bundle, server):
     assert client.is_server_live()
     assert client.is_server_ready()
     assert client.is_model_ready(model)
-    assert client.is_model_ready(model, tiny_bundle.version)
+    assert client.is_model_ready(model, synthetic_bundle.version)
     meta = client.get_server_metadata()
     assert meta.name == "gruserve"
     assert meta.version
     assert "model_configuration" in meta.extensions
     model_meta = client.get_model_metadata(model)
     assert model_meta.name == model
-    assert list(model_meta.versions) == [tiny_bundle.version]
+    assert list(model_meta.versions) == [synthetic_bundle.version]
     inputs = {t.name: (t.datatype, list(t.shape)) for t in model_meta.inputs}
-    width = tiny_bundle.num_layers * tiny_bundle.hidden_size
+    width = synthetic_bundle.num_layers * synthetic_bundle.hidden_size
     assert inputs == {
         "USER_ID": ("BYTES", [-1]), "ITEM_ID": ("BYTES", [-1]),
         "HIDDEN_STATE": ("FP32", [-1, width]),
@@ -148,11 +148,11 @@ def test_live_ready_and_metadata(client, model, tiny_bundle, server):
     assert config.max_batch_size == 0
     assert {i.name for i in config.input} == set(inputs)
     assert all(i.optional for i in config.input)
-    assert config.parameters["bundle_version"].string_value == tiny_bundle.version
-    assert config.parameters["pad_id"].string_value == str(tiny_bundle.special_ids["pad"])
+    assert config.parameters["bundle_version"].string_value == synthetic_bundle.version
+    assert config.parameters["pad_id"].string_value == str(synthetic_bundle.special_ids["pad"])
     index = client.get_model_repository_index()
     assert [(m.name, m.version, m.state) for m in index.models] == [
-        (model, tiny_bundle.version, "READY")
+        (model, synthetic_bundle.version, "READY")
     ]
 
 
@@ -227,9 +227,9 @@ def test_fan_out_decodes_the_rows_together(client, native, model, pairs, server)
     assert delta("gruserve_request_latency_seconds_count") == 8
 
 
-def test_hidden_state_rows(client, native, model, tiny_bundle):
+def test_hidden_state_rows(client, native, model, synthetic_bundle):
     rng = np.random.default_rng(0)
-    width = tiny_bundle.num_layers * tiny_bundle.hidden_size
+    width = synthetic_bundle.num_layers * synthetic_bundle.hidden_size
     states = rng.uniform(-1, 1, (2, width)).astype(np.float32)
     result = client.infer(model, [state_input(states)], parameters={"max_tokens": 10})
     got = rows(result)
@@ -299,11 +299,11 @@ def triton_stub(server):
         yield triton_pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-def test_typed_contents_are_accepted(triton_stub, client, model, pairs, tiny_bundle):
+def test_typed_contents_are_accepted(triton_stub, client, model, pairs, synthetic_bundle):
     raw = client.infer(model, id_inputs(pairs[:3]))
     typed = triton.InferResult(triton_stub.ModelInfer(_typed_request(model, pairs[:3]), timeout=30))
     assert rows(typed) == rows(raw)
-    width = tiny_bundle.num_layers * tiny_bundle.hidden_size
+    width = synthetic_bundle.num_layers * synthetic_bundle.hidden_size
     state = np.linspace(-1, 1, width, dtype=np.float32).reshape(1, width)
     typed = triton_stub.ModelInfer(_typed_request(model, state=state), timeout=30)
     raw = client.infer(model, [state_input(state)])
@@ -525,9 +525,9 @@ INVALID = {
 
 
 @pytest.mark.parametrize("case", list(INVALID))
-def test_invalid_argument_names_it(client, model, pairs, tiny_bundle, case):
+def test_invalid_argument_names_it(client, model, pairs, synthetic_bundle, case):
     make_inputs, parameters, outputs, field = INVALID[case]
-    width = tiny_bundle.num_layers * tiny_bundle.hidden_size
+    width = synthetic_bundle.num_layers * synthetic_bundle.hidden_size
     requested = [triton.InferRequestedOutput(n) for n in outputs] if outputs else None
     error = triton_error(client.infer, model, make_inputs(pairs[0], width),
                          parameters=parameters, outputs=requested)
@@ -564,9 +564,9 @@ def _bytes(*values: bytes) -> bytes:
     return b"".join(len(v).to_bytes(4, "little") + v for v in values)
 
 
-def test_malformed_tensor_data_is_invalid(triton_stub, model, pairs, tiny_bundle):
+def test_malformed_tensor_data_is_invalid(triton_stub, model, pairs, synthetic_bundle):
     user, item = (v.encode() for v in pairs[0])
-    width = tiny_bundle.num_layers * tiny_bundle.hidden_size
+    width = synthetic_bundle.num_layers * synthetic_bundle.hidden_size
     ids = [("USER_ID", "BYTES", [1]), ("ITEM_ID", "BYTES", [1])]
     state = [("HIDDEN_STATE", "FP32", [1, width])]
     typed_twice = _raw_request(model, ids, [_bytes(user), _bytes(item)])
@@ -625,8 +625,8 @@ def test_refused_triton_extensions_say_why(client, model, server):
     assert server.metrics()[key] == before.get(key, 0) + 1
 
 
-def test_queue_full_is_resource_exhausted(tiny_bundle_dir, model, pairs):
-    with running_server(tiny_bundle_dir, num_slots=1, max_queued=1) as server, \
+def test_queue_full_is_resource_exhausted(synthetic_bundle_dir, model, pairs):
+    with running_server(synthetic_bundle_dir, num_slots=1, max_queued=1) as server, \
             GruserveClient(server.target) as native, \
             triton.InferenceServerClient(server.target) as client, \
             StepGate(server.engine) as gate:
@@ -648,8 +648,8 @@ def test_queue_full_is_resource_exhausted(tiny_bundle_dir, model, pairs):
         assert rows(client.infer(model, id_inputs(pairs[:1])))
 
 
-def test_broken_engine_is_unavailable_and_not_ready(tiny_bundle_dir, model, pairs):
-    with running_server(tiny_bundle_dir) as server, \
+def test_broken_engine_is_unavailable_and_not_ready(synthetic_bundle_dir, model, pairs):
+    with running_server(synthetic_bundle_dir) as server, \
             triton.InferenceServerClient(server.target) as client:
         assert client.is_server_ready() and client.is_model_ready(model)
 
@@ -669,8 +669,8 @@ def test_broken_engine_is_unavailable_and_not_ready(tiny_bundle_dir, model, pair
         assert client.get_model_repository_index().models[0].state == "UNAVAILABLE"
 
 
-def test_ready_follows_health_through_start_up(tiny_bundle_dir, model):
-    thread = ServerThread(tiny_bundle_dir).create()
+def test_ready_follows_health_through_start_up(synthetic_bundle_dir, model):
+    thread = ServerThread(synthetic_bundle_dir).create()
     try:
         with StepGate(thread.engine) as gate:
             starting = asyncio.run_coroutine_threadsafe(thread.server.start(), thread.loop)
@@ -690,8 +690,8 @@ def test_ready_follows_health_through_start_up(tiny_bundle_dir, model):
 # --- auth, metrics, reflection, the contract ------------------------------------------------
 
 
-def test_token_auth_applies(tiny_bundle_dir, model, pairs):
-    with running_server(tiny_bundle_dir, auth_token=TOKEN, metrics_port=0) as server, \
+def test_token_auth_applies(synthetic_bundle_dir, model, pairs):
+    with running_server(synthetic_bundle_dir, auth_token=TOKEN, metrics_port=0) as server, \
             triton.InferenceServerClient(server.target) as client:
         good = {"authorization": f"Bearer {TOKEN}"}
         for headers in (None, {"authorization": "Bearer wrong"}):

@@ -5,14 +5,7 @@ in-flight requests and exits 0 (a real `python -m gruserve.runtime serve` proces
 from __future__ import annotations
 
 import asyncio
-import os
-import queue
-import re
 import signal
-import subprocess
-import sys
-import textwrap
-import threading
 
 import grpc
 import pytest
@@ -20,7 +13,7 @@ import pytest
 from gruserve.runtime.client import GruserveClient, build_request
 from gruserve.v1 import gruserve_pb2 as pb
 
-from .serving import WAIT_S, ServerThread, StepGate, running_server, wait_for
+from .serving import WAIT_S, ServeProcess, ServerThread, StepGate, running_server, wait_for
 
 LONG = 40  # tokens of a request that cannot end early (min_tokens = max_tokens)
 # a call that reaches a stopping server is refused: UNAVAILABLE, or CANCELLED when it races
@@ -29,14 +22,14 @@ REFUSED_WHILE_STOPPING = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_bundle):
-    return {"user": tiny_bundle.users[0], "item": tiny_bundle.items[0]}
+def pair(synthetic_bundle):
+    return {"user": synthetic_bundle.users[0], "item": synthetic_bundle.items[0]}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir):
+def server(synthetic_bundle_dir):
     """One slot: whatever a test leaves running would block the next one."""
-    with running_server(tiny_bundle_dir, num_slots=1, max_queued=4, metrics_port=0) as s:
+    with running_server(synthetic_bundle_dir, num_slots=1, max_queued=4, metrics_port=0) as s:
         yield s
 
 
@@ -146,8 +139,8 @@ def test_cancelling_a_queued_request_takes_it_out_of_the_queue(server, client, p
     assert server.metrics()[("gruserve_queue_depth", ())] == 0
 
 
-def test_broken_engine_is_unavailable_and_not_serving(tiny_bundle_dir, pair):
-    with running_server(tiny_bundle_dir) as server, GruserveClient(server.target) as client:
+def test_broken_engine_is_unavailable_and_not_serving(synthetic_bundle_dir, pair):
+    with running_server(synthetic_bundle_dir) as server, GruserveClient(server.target) as client:
         assert client.health() == "SERVING"
 
         def broken_step(*args, **kwargs):
@@ -167,8 +160,8 @@ def test_broken_engine_is_unavailable_and_not_serving(tiny_bundle_dir, pair):
         assert client.health() == "NOT_SERVING"
 
 
-def test_health_is_not_serving_until_warmed_up(tiny_bundle_dir):
-    thread = ServerThread(tiny_bundle_dir).create()
+def test_health_is_not_serving_until_warmed_up(synthetic_bundle_dir):
+    thread = ServerThread(synthetic_bundle_dir).create()
     try:
         with StepGate(thread.engine) as gate:
             starting = asyncio.run_coroutine_threadsafe(thread.server.start(), thread.loop)
@@ -183,8 +176,8 @@ def test_health_is_not_serving_until_warmed_up(tiny_bundle_dir):
         thread.stop()
 
 
-def test_stop_drains_in_flight_requests_then_refuses(tiny_bundle_dir, pair):
-    thread = ServerThread(tiny_bundle_dir, num_slots=2).start()
+def test_stop_drains_in_flight_requests_then_refuses(synthetic_bundle_dir, pair):
+    thread = ServerThread(synthetic_bundle_dir, num_slots=2).start()
     try:
         with GruserveClient(thread.target) as client, StepGate(thread.engine) as gate:
             call = client.stub.Generate.future(
@@ -204,8 +197,8 @@ def test_stop_drains_in_flight_requests_then_refuses(tiny_bundle_dir, pair):
         thread.stop()
 
 
-def test_stop_cancels_what_outlives_the_grace_period(tiny_bundle_dir, pair):
-    thread = ServerThread(tiny_bundle_dir).start()
+def test_stop_cancels_what_outlives_the_grace_period(synthetic_bundle_dir, pair):
+    thread = ServerThread(synthetic_bundle_dir).start()
     try:
         with GruserveClient(thread.target) as client, StepGate(thread.engine) as gate:
             call = client.stub.Generate.future(build_request(**pair), timeout=30)
@@ -220,9 +213,9 @@ def test_stop_cancels_what_outlives_the_grace_period(tiny_bundle_dir, pair):
         thread.stop()
 
 
-def test_a_port_in_use_is_a_startup_error(server, tiny_bundle_dir):
+def test_a_port_in_use_is_a_startup_error(server, synthetic_bundle_dir):
     port = server.server.port
-    other = ServerThread(tiny_bundle_dir, port=port).create()
+    other = ServerThread(synthetic_bundle_dir, port=port).create()
     try:
         with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
             other.call(other.server.start())
@@ -240,73 +233,8 @@ def _not_serving(client) -> bool:
 
 # --- a real process and a real signal ------------------------------------------------------
 
-# Slows every decode step in the child process, so that its requests are still in flight
-# when the signal comes: a test double injected at interpreter start (PYTHONPATH), the
-# command line itself stays exactly what an operator runs.
-SITECUSTOMIZE = textwrap.dedent("""
-    import os
-    import time
-
-    from gruserve.runtime import runner
-
-    _delay = float(os.environ["GRUSERVE_TEST_STEP_DELAY_S"])
-    _step = runner.StepRunner.step
-
-    def _slow_step(self, *args, **kwargs):
-        time.sleep(_delay)
-        return _step(self, *args, **kwargs)
-
-    runner.StepRunner.step = _slow_step
-""")
-
-
-class ServeProcess:
-    def __init__(self, bundle_dir, tmp_path, *args: str, step_delay_s: float = 0.0) -> None:
-        (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(tmp_path), env.get("PYTHONPATH")) if p
-        )
-        env["GRUSERVE_TEST_STEP_DELAY_S"] = str(step_delay_s)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gruserve.runtime", "serve", str(bundle_dir), "--port", "0",
-             "--device", "cpu", "--threads", "1", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        self.stdout: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append),
-                         daemon=True).start()
-
-    @staticmethod
-    def _pump(stream, sink) -> None:
-        for line in stream:
-            sink(line)
-
-    def wait_serving(self) -> str:
-        """The HOST:PORT the child prints once it is SERVING."""
-        while True:
-            try:
-                line = self.stdout.get(timeout=60)
-            except queue.Empty:
-                raise AssertionError("no 'serving' line:\n" + "".join(self.stderr)) from None
-            match = re.match(r"gruserve: serving .* on (\S+):(\d+)$", line.strip())
-            if match:
-                return f"{match[1]}:{match[2]}"
-
-    def finish(self, timeout: float = WAIT_S) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_bundle_dir, tmp_path, pair):
-    child = ServeProcess(tiny_bundle_dir, tmp_path, "--num-slots", "4", "--grace", "30",
+def test_sigterm_drains_in_flight_requests_and_exits_0(synthetic_bundle_dir, tmp_path, pair):
+    child = ServeProcess(synthetic_bundle_dir, tmp_path, "--num-slots", "4", "--grace", "30",
                          step_delay_s=0.02)
     try:
         target = child.wait_serving()
@@ -344,8 +272,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_bundle_dir, tmp_path
     assert "SIGTERM received: draining" in log
 
 
-def test_sigint_stops_an_idle_server_with_exit_0(tiny_bundle_dir, tmp_path):
-    child = ServeProcess(tiny_bundle_dir, tmp_path)
+def test_sigint_stops_an_idle_server_with_exit_0(synthetic_bundle_dir, tmp_path):
+    child = ServeProcess(synthetic_bundle_dir, tmp_path)
     try:
         target = child.wait_serving()
         with GruserveClient(target) as client:

@@ -199,14 +199,14 @@ def test_open_loop_latency_counts_from_the_scheduled_time():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir):
-    with running_server(tiny_bundle_dir, metrics_port=0) as s:
+def server(synthetic_bundle_dir):
+    with running_server(synthetic_bundle_dir, metrics_port=0) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def entities(tiny_bundle_dir):
-    data = json.loads((tiny_bundle_dir / "entities.json").read_text())
+def entities(synthetic_bundle_dir):
+    data = json.loads((synthetic_bundle_dir / "entities.json").read_text())
     return data["users"], data["items"]
 
 
@@ -310,9 +310,9 @@ def test_cli_writes_json_and_passes_its_thresholds(server, tmp_path, capsys):
     assert "end-to-end" in capsys.readouterr().out
 
 
-def test_cli_threshold_breach_sets_exit_code_1(server, tmp_path, tiny_bundle_dir, capsys):
+def test_cli_threshold_breach_sets_exit_code_1(server, tmp_path, synthetic_bundle_dir, capsys):
     pairs = tmp_path / "pairs.csv"
-    users, items = json.loads((tiny_bundle_dir / "entities.json").read_text()).values()
+    users, items = json.loads((synthetic_bundle_dir / "entities.json").read_text()).values()
     pairs.write_text(f"user,item\n{users[0]},{items[0]}\n# bad one:\nghost,{items[1]}\n")
     assert read_pairs(pairs) == [(users[0], items[0]), ("ghost", items[1])]
     assert main(_cli(server, "--pairs", str(pairs), "--fail-if", "error_rate>0")) == 1

@@ -15,8 +15,7 @@ import pytest
 
 from gruserve.runtime.client import GruserveClient, build_request
 
-from .serving import StepGate, running_server, wait_for
-from .test_lifecycle import ServeProcess
+from .serving import ServeProcess, StepGate, running_server, wait_for
 
 LONG = 30
 
@@ -89,13 +88,15 @@ def _version(target: str) -> str:
         return client.model_info().bundle_version
 
 
-def test_sighup_reloads_under_load_without_a_failed_request(tiny_bundle_dir, tiny_bundle, tmp_path):
-    v1 = _variant(tiny_bundle_dir, tmp_path / "v1", "tips-v1")
-    v2 = _variant(tiny_bundle_dir, tmp_path / "v2", "tips-v2")
+def test_sighup_reloads_under_load_without_a_failed_request(
+    synthetic_bundle_dir, synthetic_bundle, tmp_path
+):
+    v1 = _variant(synthetic_bundle_dir, tmp_path / "v1", "tips-v1")
+    v2 = _variant(synthetic_bundle_dir, tmp_path / "v2", "tips-v2")
     bad = _corrupted(v2, tmp_path / "bad")
     current = tmp_path / "current"
     _point(current, v1)
-    pair = {"user": tiny_bundle.users[0], "item": tiny_bundle.items[0]}
+    pair = {"user": synthetic_bundle.users[0], "item": synthetic_bundle.items[0]}
     child = ServeProcess(current, tmp_path, "--num-slots", "8")
     try:
         target = child.wait_serving()
@@ -138,11 +139,11 @@ def test_sighup_reloads_under_load_without_a_failed_request(tiny_bundle_dir, tin
 
 
 def test_in_flight_requests_finish_on_the_old_engine_which_then_stops(
-    tiny_bundle_dir, tiny_bundle, tmp_path
+    synthetic_bundle_dir, synthetic_bundle, tmp_path
 ):
-    v2 = _variant(tiny_bundle_dir, tmp_path / "v2", "tips-v2")
-    pair = {"user": tiny_bundle.users[0], "item": tiny_bundle.items[0]}
-    with running_server(tiny_bundle_dir, num_slots=4) as server:
+    v2 = _variant(synthetic_bundle_dir, tmp_path / "v2", "tips-v2")
+    pair = {"user": synthetic_bundle.users[0], "item": synthetic_bundle.items[0]}
+    with running_server(synthetic_bundle_dir, num_slots=4) as server:
         old = server.engine
         with GruserveClient(server.target) as client, StepGate(old) as gate:
             call = client.stub.Generate.future(
@@ -165,13 +166,13 @@ def test_in_flight_requests_finish_on_the_old_engine_which_then_stops(
 
 @pytest.mark.parametrize("damage", ["missing", "not a bundle"])
 def test_a_bad_directory_is_refused_and_the_old_bundle_serves(
-    tiny_bundle_dir, tiny_bundle, tmp_path, damage, caplog
+    synthetic_bundle_dir, synthetic_bundle, tmp_path, damage, caplog
 ):
     path = tmp_path / "nowhere"
     if damage == "not a bundle":
         path.mkdir()
         (path / "manifest.json").write_text("{}")
-    with running_server(tiny_bundle_dir, num_slots=2) as server:
+    with running_server(synthetic_bundle_dir, num_slots=2) as server:
         engine, version = server.engine, server.server.bundle.version
         assert server.call(server.server.reload(path)) is False
         assert server.engine is engine and engine.healthy

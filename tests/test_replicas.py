@@ -18,8 +18,7 @@ import pytest
 from gruserve.runtime.cli import main
 from gruserve.runtime.client import GruserveClient
 
-from .serving import scrape, wait_for
-from .test_lifecycle import ServeProcess
+from .serving import ServeProcess, scrape, wait_for
 
 NUM_REPLICAS = 3
 
@@ -63,14 +62,14 @@ def _start(bundle_dir, tmp_path, stack: ExitStack, **kwargs) -> list[Replica]:
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_bundle):
-    return {"user": tiny_bundle.users[0], "item": tiny_bundle.items[0]}
+def pair(synthetic_bundle):
+    return {"user": synthetic_bundle.users[0], "item": synthetic_bundle.items[0]}
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_bundle_dir, tmp_path_factory):
+def replicas(synthetic_bundle_dir, tmp_path_factory):
     with ExitStack() as stack:
-        yield _start(tiny_bundle_dir, tmp_path_factory.mktemp("replicas"), stack)
+        yield _start(synthetic_bundle_dir, tmp_path_factory.mktemp("replicas"), stack)
 
 
 def test_round_robin_spreads_300_requests_over_three_replicas(replicas, pair):
@@ -102,16 +101,16 @@ def test_generate_and_info_take_several_targets_and_skip_a_dead_one(replicas, pa
 
 
 def test_sigkill_of_a_replica_during_a_closed_loop_run_fails_no_request(
-    tiny_bundle_dir, tmp_path, pair
+    synthetic_bundle_dir, tmp_path, pair
 ):
     with ExitStack() as stack:
         # 10 ms steps, 20 tokens per request: every replica always has calls in flight
-        victim, *survivors = _start(tiny_bundle_dir, tmp_path, stack, step_delay_s=0.01)
+        victim, *survivors = _start(synthetic_bundle_dir, tmp_path, stack, step_delay_s=0.01)
         loadtest = subprocess.Popen(
             [sys.executable, "-m", "gruserve.runtime", "loadtest",
              *[arg for r in (victim, *survivors) for arg in ("--target", r.target)],
              "--concurrency", "12", "--duration", "5", "--warmup", "0", "--entities",
-             str(tiny_bundle_dir), "--max-tokens", "20", "--min-tokens", "20",
+             str(synthetic_bundle_dir), "--max-tokens", "20", "--min-tokens", "20",
              "--timeout", "20", "--json", "-", "--no-progress"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )

@@ -128,8 +128,8 @@ def generate_requests(draw, users, items):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir):
-    with running_server(tiny_bundle_dir, num_slots=16, max_queued=64) as s:
+def server(synthetic_bundle_dir):
+    with running_server(synthetic_bundle_dir, num_slots=16, max_queued=64) as s:
         yield s
 
 
@@ -140,8 +140,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def ids(tiny_bundle):
-    return list(tiny_bundle.users[:5]), list(tiny_bundle.items[:5])
+def ids(synthetic_bundle):
+    return list(synthetic_bundle.users[:5]), list(synthetic_bundle.items[:5])
 
 
 def _check_response(request: pb.GenerateRequest, reply: pb.GenerateResponse) -> None:

@@ -6,6 +6,9 @@ import functools
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torch", reason="needs the export extra; the torch-free lane skips it")
+
 import torch
 
 from gruserve.runtime.bundle import BundleError

@@ -67,8 +67,8 @@ def certs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_bundle):
-    return {"user": tiny_bundle.users[0], "item": tiny_bundle.items[0]}
+def pair(synthetic_bundle):
+    return {"user": synthetic_bundle.users[0], "item": synthetic_bundle.items[0]}
 
 
 def _refused(connection: Connection, pair, code=grpc.StatusCode.UNAVAILABLE) -> str:
@@ -82,9 +82,9 @@ def _refused(connection: Connection, pair, code=grpc.StatusCode.UNAVAILABLE) -> 
 # --- TLS ------------------------------------------------------------------------------------
 
 
-def test_tls_accepts_a_client_trusting_the_ca_and_refuses_others(tiny_bundle_dir, certs, pair):
+def test_tls_accepts_a_client_trusting_the_ca_and_refuses_others(synthetic_bundle_dir, certs, pair):
     tls = dict(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"))
-    with running_server(tiny_bundle_dir, **tls) as server:
+    with running_server(synthetic_bundle_dir, **tls) as server:
         port = server.server.port
         good = Connection(f"127.0.0.1:{port}", root_ca=str(certs / "ca.pem"))
         with GruserveClient(good) as client:
@@ -102,10 +102,11 @@ def test_tls_accepts_a_client_trusting_the_ca_and_refuses_others(tiny_bundle_dir
         _refused(Connection(f"127.0.0.1:{port}"), pair)
 
 
-def test_tls_over_several_replicas_checks_the_first_targets_name(tiny_bundle_dir, certs, pair):
+def test_tls_over_several_replicas_checks_the_first_targets_name(synthetic_bundle_dir, certs, pair):
     tls = dict(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"),
                metrics_port=0)
-    with running_server(tiny_bundle_dir, **tls) as a, running_server(tiny_bundle_dir, **tls) as b:
+    with running_server(synthetic_bundle_dir, **tls) as a, \
+            running_server(synthetic_bundle_dir, **tls) as b:
         # the certificate names localhost: the address list is verified against that name
         targets = f"localhost:{a.server.port},localhost:{b.server.port}"
         with GruserveClient(Connection(targets, root_ca=str(certs / "ca.pem"))) as client:
@@ -117,12 +118,12 @@ def test_tls_over_several_replicas_checks_the_first_targets_name(tiny_bundle_dir
             ] >= 2
 
 
-def test_mutual_tls_requires_a_client_certificate_from_the_ca(tiny_bundle_dir, certs, pair):
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(synthetic_bundle_dir, certs, pair):
     mtls = dict(
         tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"),
         tls_client_ca=str(certs / "ca.pem"),
     )
-    with running_server(tiny_bundle_dir, **mtls) as server:
+    with running_server(synthetic_bundle_dir, **mtls) as server:
         target = f"127.0.0.1:{server.server.port}"
         ca = str(certs / "ca.pem")
         good = Connection(
@@ -140,7 +141,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(tiny_bundle_dir, c
         _refused(rogue, pair)  # a certificate, but not from the trusted CA
 
 
-def test_tls_configuration_errors_are_startup_errors(tiny_bundle_dir, certs):
+def test_tls_configuration_errors_are_startup_errors(synthetic_bundle_dir, certs):
     for config in (
         dict(tls_cert=str(certs / "server.pem")),  # no key
         dict(tls_key=str(certs / "server.key")),  # no certificate
@@ -148,7 +149,7 @@ def test_tls_configuration_errors_are_startup_errors(tiny_bundle_dir, certs):
     ):
         # refused as the configuration is built, before any socket or session exists
         with pytest.raises(ValueError, match="--tls"):
-            ServerThread(tiny_bundle_dir, **config)
+            ServerThread(synthetic_bundle_dir, **config)
     with pytest.raises(ValueError, match="client certificate"):
         Connection("x:1", client_cert=str(certs / "client.pem"))
 
@@ -157,8 +158,8 @@ def test_tls_configuration_errors_are_startup_errors(tiny_bundle_dir, certs):
 
 
 @pytest.fixture(scope="module")
-def token_server(tiny_bundle_dir):
-    with running_server(tiny_bundle_dir, auth_token=TOKEN, metrics_port=0) as server:
+def token_server(synthetic_bundle_dir):
+    with running_server(synthetic_bundle_dir, auth_token=TOKEN, metrics_port=0) as server:
         yield server
 
 
@@ -225,14 +226,14 @@ def test_load_token(tmp_path, monkeypatch):
         load_token(str(path), "GRUSERVE_TEST_TOKEN")
 
 
-def test_cli_speaks_mutual_tls_and_token(tiny_bundle_dir, certs, pair, tmp_path, capsys):
+def test_cli_speaks_mutual_tls_and_token(synthetic_bundle_dir, certs, pair, tmp_path, capsys):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     config = dict(
         tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"),
         tls_client_ca=str(certs / "ca.pem"), auth_token=TOKEN,
     )
-    with running_server(tiny_bundle_dir, **config) as server:
+    with running_server(synthetic_bundle_dir, **config) as server:
         base = [
             "generate", "--user", pair["user"], "--item", pair["item"],
             "--target", f"127.0.0.1:{server.server.port}", "--tls-ca", str(certs / "ca.pem"),
@@ -257,7 +258,7 @@ def _non_loopback_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-def test_binds_loopback_unless_told_otherwise(tiny_bundle_dir):
+def test_binds_loopback_unless_told_otherwise(synthetic_bundle_dir):
     assert ServerConfig().transport.host == "127.0.0.1"
     assert ServerConfig().transport.metrics_host == "127.0.0.1"
     transport = config_from_args(cli.build_parser().parse_args(["serve"]), environ={}).transport
@@ -265,7 +266,7 @@ def test_binds_loopback_unless_told_otherwise(tiny_bundle_dir):
     address = _non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address to try")
-    with running_server(tiny_bundle_dir, metrics_port=0) as server:
+    with running_server(synthetic_bundle_dir, metrics_port=0) as server:
         for port in (server.server.port, server.server.metrics_port):
             with pytest.raises(OSError):
                 socket.create_connection((address, port), timeout=2).close()

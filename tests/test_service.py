@@ -26,8 +26,8 @@ MAX_TOKENS = 64  # the server's per-request ceiling (ServerConfig.max_tokens def
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir):
-    with running_server(tiny_bundle_dir, metrics_port=0) as s:
+def server(synthetic_bundle_dir):
+    with running_server(synthetic_bundle_dir, metrics_port=0) as s:
         yield s
 
 
@@ -38,8 +38,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def pairs(tiny_bundle):
-    return list(zip(tiny_bundle.users[:10], tiny_bundle.items[:10], strict=True))
+def pairs(synthetic_bundle):
+    return list(zip(synthetic_bundle.users[:10], synthetic_bundle.items[:10], strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +58,11 @@ def _error(call, *args, **kwargs) -> grpc.RpcError:
 # --- every RPC ------------------------------------------------------------------------------
 
 
-def test_generate_by_user_item(client, server, pair, tiny_bundle):
+def test_generate_by_user_item(client, server, pair, synthetic_bundle):
     reply = client.generate(**pair, request_id="my-request-1")
     assert reply.request_id == "my-request-1"
-    assert 0 < len(reply.token_ids) <= tiny_bundle.max_len
-    assert reply.text == " ".join(tiny_bundle.vocab[t] for t in reply.token_ids)
+    assert 0 < len(reply.token_ids) <= synthetic_bundle.max_len
+    assert reply.text == " ".join(synthetic_bundle.vocab[t] for t in reply.token_ids)
     assert reply.HasField("predicted_rating")
     assert 1.0 <= reply.predicted_rating <= 5.0
     assert reply.finish_reason in (pb.FINISH_REASON_EOS, pb.FINISH_REASON_LENGTH)
@@ -74,9 +74,9 @@ def test_generate_by_user_item(client, server, pair, tiny_bundle):
     assert client.generate(**pair).request_id
 
 
-def test_generate_by_hidden_state(client, tiny_bundle):
+def test_generate_by_hidden_state(client, synthetic_bundle):
     rng = np.random.default_rng(0)
-    state = rng.uniform(-1, 1, tiny_bundle.num_layers * tiny_bundle.hidden_size).tolist()
+    state = rng.uniform(-1, 1, synthetic_bundle.num_layers * synthetic_bundle.hidden_size).tolist()
     first = client.generate(hidden_state=state, max_tokens=10)
     again = client.generate(hidden_state=state, max_tokens=10)
     assert 0 < len(first.token_ids) <= 10
@@ -178,8 +178,8 @@ def test_stream_coalesces_tokens_for_a_slow_reader(server, client, pair, monkeyp
     assert chunks[0].HasField("predicted_rating")
 
 
-def test_batch_answers_in_order(client, pairs, tiny_bundle):
-    state = [0.1] * (tiny_bundle.num_layers * tiny_bundle.hidden_size)
+def test_batch_answers_in_order(client, pairs, synthetic_bundle):
+    state = [0.1] * (synthetic_bundle.num_layers * synthetic_bundle.hidden_size)
     requests = [
         build_request(user=u, item=i, request_id=f"b{n}", max_tokens=5 + n % 3)
         for n, (u, i) in enumerate(pairs)
@@ -200,21 +200,21 @@ def test_batch_answers_in_order(client, pairs, tiny_bundle):
     assert len(reply.responses) == 2
 
 
-def test_model_info(client, tiny_bundle):
+def test_model_info(client, synthetic_bundle):
     info = client.model_info()
-    assert info.model_name == tiny_bundle.name
-    assert info.vocab_size == len(tiny_bundle.vocab)
-    assert info.hidden_size == tiny_bundle.hidden_size
-    assert info.num_layers == tiny_bundle.num_layers
-    assert info.num_users == len(tiny_bundle.users)
-    assert info.num_items == len(tiny_bundle.items)
+    assert info.model_name == synthetic_bundle.name
+    assert info.vocab_size == len(synthetic_bundle.vocab)
+    assert info.hidden_size == synthetic_bundle.hidden_size
+    assert info.num_layers == synthetic_bundle.num_layers
+    assert info.num_users == len(synthetic_bundle.users)
+    assert info.num_items == len(synthetic_bundle.items)
     assert (info.min_rating, info.max_rating) == (1.0, 5.0)
-    assert info.bos_id == tiny_bundle.special_ids["bos"]
-    assert info.eos_id == tiny_bundle.special_ids["eos"]
+    assert info.bos_id == synthetic_bundle.special_ids["bos"]
+    assert info.eos_id == synthetic_bundle.special_ids["eos"]
     assert info.provider == "CPUExecutionProvider"
     assert info.max_slots == 32
     assert info.max_tokens == MAX_TOKENS
-    assert info.default_max_tokens == tiny_bundle.max_len
+    assert info.default_max_tokens == synthetic_bundle.max_len
     assert info.sampling_top_k == 16
     assert 1 <= info.max_beams <= 16
     assert info.max_stop_tokens > 0
@@ -244,7 +244,7 @@ def test_health_and_reflection(server, client):
 
 # --- status codes ---------------------------------------------------------------------------
 
-STATE_SIZE = 32  # the tiny model: 1 layer x hidden 32
+STATE_SIZE = 32  # the synthetic bundle: 1 layer x hidden 32
 NAN = float("nan")
 
 INVALID = {
@@ -342,8 +342,8 @@ def test_oversized_messages_are_resource_exhausted(client, pair):
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_queue_full_is_resource_exhausted(tiny_bundle_dir, pair):
-    with running_server(tiny_bundle_dir, num_slots=1, max_queued=1) as server, \
+def test_queue_full_is_resource_exhausted(synthetic_bundle_dir, pair):
+    with running_server(synthetic_bundle_dir, num_slots=1, max_queued=1) as server, \
             GruserveClient(server.target) as client, StepGate(server.engine) as gate:
         generate = client.stub.Generate
         running = generate.future(build_request(**pair, max_tokens=5), timeout=30)
@@ -434,14 +434,16 @@ def test_active_slots_gauge_follows_running_requests(server, client, pair):
 # --- clients --------------------------------------------------------------------------------
 
 
-def test_async_client(server, pair, tiny_bundle):
+def test_async_client(server, pair, synthetic_bundle):
     async def main():
         async with AsyncGruserveClient(server.target) as client:
             await client.wait_until_serving(timeout=10)
             assert await client.health() == "SERVING"
             reply = await client.generate(**pair, max_tokens=6, return_logprobs=True)
             chunks = [c async for c in client.stream(**pair, max_tokens=6)]
-            batch = await client.generate_batch([pair, dict(pair, max_tokens=2)])
+            batch = await client.generate_batch(
+                [dict(pair, max_tokens=6), dict(pair, max_tokens=2)]
+            )
             info = await client.model_info()
             try:
                 await client.generate(**dict(pair, user="nobody"))
@@ -456,7 +458,7 @@ def test_async_client(server, pair, tiny_bundle):
     assert [t for c in chunks for t in c.token_ids] == list(reply.token_ids)
     assert list(batch.responses[0].token_ids) == list(reply.token_ids)
     assert len(batch.responses[1].token_ids) <= 2
-    assert info.vocab_size == len(tiny_bundle.vocab)
+    assert info.vocab_size == len(synthetic_bundle.vocab)
     assert missing == grpc.StatusCode.NOT_FOUND
     assert len({tuple(r.token_ids) for r in many}) == 1
 
@@ -507,7 +509,7 @@ def test_cli_generate_and_info(server, client, pair, capsys):
     assert info["provider"] == "CPUExecutionProvider"
 
 
-def test_cli_serve_without_bundle_serves_the_demo_bundle(monkeypatch, tiny_bundle_dir):
+def test_cli_serve_without_bundle_serves_the_demo_bundle(monkeypatch):
     from gruserve.runtime import demo, server
 
     seen = {}
@@ -516,10 +518,9 @@ def test_cli_serve_without_bundle_serves_the_demo_bundle(monkeypatch, tiny_bundl
         seen["bundle"], seen["config"] = bundle, config
         return 0
 
-    monkeypatch.setattr(demo, "ensure_demo_bundle", lambda: tiny_bundle_dir)
     monkeypatch.setattr(server, "serve_forever", fake_serve_forever)
     assert cli.main(["serve", "--port", "0", "--num-slots", "8"]) == 0
-    assert seen["bundle"] == tiny_bundle_dir
+    assert seen["bundle"] == demo.DEMO_BUNDLE
     assert seen["config"].transport.host == "127.0.0.1"  # this machine only, unless told
     assert seen["config"].scheduler.num_slots == 8
 

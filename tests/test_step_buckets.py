@@ -20,10 +20,10 @@ def test_bucket_sizes_double_up_to_the_slot_count():
 
 
 @pytest.fixture
-def runners(tiny_bundle):
-    plain = StepRunner(tiny_bundle, num_slots=NUM_SLOTS, config=SessionConfig(device="cpu"))
+def runners(synthetic_bundle):
+    plain = StepRunner(synthetic_bundle, num_slots=NUM_SLOTS, config=SessionConfig(device="cpu"))
     bucketed = StepRunner(
-        tiny_bundle, num_slots=NUM_SLOTS, config=SessionConfig(device="cpu", cuda_graphs=True)
+        synthetic_bundle, num_slots=NUM_SLOTS, config=SessionConfig(device="cpu", cuda_graphs=True)
     )
     everyone = np.arange(NUM_SLOTS)
     for runner in (plain, bucketed):

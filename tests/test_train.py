@@ -7,15 +7,17 @@ import dataclasses
 import shutil
 
 import pytest
+
+pytest.importorskip("torch", reason="needs the export extra; the torch-free lane skips it")
+
 import torch
 
 from gruserve.export import train as train_module
 from gruserve.export.checkpoint import load_checkpoint
 from gruserve.export.config import ModelConfig
-from gruserve.export.corpus import CorpusError
 from gruserve.export.model import NRT, nrt_loss, sentence_format
-from gruserve.export.synthetic import SyntheticSpec, make_synthetic_corpus, write_synthetic_corpus
-from gruserve.export.train import TrainConfig, load_training_corpus, train
+from gruserve.export.synthetic import SyntheticSpec, make_synthetic_corpus
+from gruserve.export.train import TrainConfig, train
 
 PAD, BOS, EOS = 2, 0, 1
 SMALL_SPEC = SyntheticSpec(seed=5, num_users=20, num_items=15, num_reviews=240)
@@ -253,49 +255,6 @@ def test_config_validation_and_round_trip():
 def test_cuda_without_cuda_is_a_clear_error(tmp_path, small_corpus):
     with pytest.raises(RuntimeError, match="cuda"):
         train(small_corpus, dataclasses.replace(FAST, device="cuda"), tmp_path)
-
-
-# ---------------------------------------------------------------- --data resolution
-
-
-def test_load_training_corpus_synthetic():
-    assert load_training_corpus("synthetic", seed=3) == make_synthetic_corpus(SyntheticSpec(seed=3))
-
-
-@pytest.fixture(scope="module")
-def nlg4rs_dir(tmp_path_factory):
-    """The NLG4RS layout: DIR/reviews.pickle and the split folders DIR/1, DIR/2."""
-    root = tmp_path_factory.mktemp("nlg4rs")
-    _, index = write_synthetic_corpus(root, SMALL_SPEC)
-    shutil.copytree(index, root / "1")
-    shutil.copytree(index, root / "2")
-    (root / "2" / "test.index").write_text("0 1 2")
-    shutil.rmtree(index)
-    return root
-
-
-def test_load_training_corpus_nlg4rs_layouts(nlg4rs_dir, tmp_path):
-    expected = make_synthetic_corpus(SMALL_SPEC)
-    assert load_training_corpus(nlg4rs_dir) == expected  # the lowest split folder, 1/
-    assert load_training_corpus(str(nlg4rs_dir / "reviews.pickle")) == expected
-    assert load_training_corpus(nlg4rs_dir, index_dir="2").test == (0, 1, 2)
-    assert load_training_corpus(nlg4rs_dir, index_dir=nlg4rs_dir / "2").test == (0, 1, 2)
-    # what write_synthetic_corpus writes: DIR/index/
-    write_synthetic_corpus(tmp_path, SMALL_SPEC)
-    assert load_training_corpus(tmp_path) == expected
-
-
-def test_load_training_corpus_unrecognised_layouts(tmp_path):
-    with pytest.raises(CorpusError, match="no such directory"):
-        load_training_corpus(tmp_path / "missing")
-    with pytest.raises(CorpusError, match="no reviews.pickle"):
-        load_training_corpus(tmp_path)
-    write_synthetic_corpus(tmp_path, SMALL_SPEC)
-    shutil.rmtree(tmp_path / "index")
-    with pytest.raises(CorpusError, match="layout not recognised"):
-        load_training_corpus(tmp_path)
-    with pytest.raises(CorpusError, match="index directory not found"):
-        load_training_corpus(tmp_path, index_dir="7")
 
 
 def test_build_demo_checkpoint_api(tmp_path):
