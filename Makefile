@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# the Triton peers' environment (bench/serve.py): see [dependency-groups] in pyproject.toml
+TRITON_VENV  ?= .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup serve test lint deploy-check proto bench clean help
+.PHONY: setup bench-env serve test lint deploy-check proto bench bench-serve-quick clean help
 
 help:
 	@echo "make serve   set up $(VENV) and serve the demo model on 127.0.0.1:50051"
@@ -12,7 +15,9 @@ help:
 	@echo "make lint    ruff"
 	@echo "make deploy-check  lint the Dockerfile, validate deploy/kubernetes (offline)"
 	@echo "make proto   regenerate the protobuf code from protos/"
-	@echo "make bench   run the CPU benchmarks (about 15 minutes; see BENCHMARKS.md)"
+	@echo "make bench   run the CPU benchmarks (about 45 minutes; see BENCHMARKS.md)"
+	@echo "make bench-env  the Triton environment $(TRITON_VENV) for bench/serve.py's peers"
+	@echo "make bench-serve-quick  a ~5-minute check of bench/serve.py (all systems)"
 
 # torch is installed first, pinned, so pip takes the local CPU wheel and never a CUDA build
 $(STAMP): pyproject.toml
@@ -24,6 +29,17 @@ $(STAMP): pyproject.toml
 	touch $@
 
 setup: $(STAMP)
+
+# pip >= 25.1 reads the dependency group; gruserve without its dependencies (protobuf < 7 here)
+$(TRITON_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade "pip>=25.1"
+	$(TRITON_VENV)/bin/python -m pip install -q --group bench
+	$(TRITON_VENV)/bin/python -m pip install -q --no-deps -e .
+	rm -f $(TRITON_VENV)/.installed-*
+	touch $@
+
+bench-env: $(TRITON_STAMP)
 
 serve: setup
 	$(BIN)/gruserve serve $(ARGS)
@@ -61,11 +77,15 @@ proto: setup
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos protos/gruserve/v1/gruserve.proto
 
-bench: setup
+bench: setup bench-env
 	$(BIN)/python bench/graphs.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/train_demo.py
 
+bench-serve-quick: setup bench-env
+	$(BIN)/python bench/serve.py --quick --json-out /tmp/serve-quick.json \
+		--md-out /tmp/serve-quick.md
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .ruff_cache build *.egg-info
