@@ -15,9 +15,9 @@ help:
 	@echo "make lint    ruff"
 	@echo "make deploy-check  lint the Dockerfile, validate deploy/kubernetes (offline)"
 	@echo "make proto   regenerate the protobuf code from protos/"
-	@echo "make bench   run the CPU benchmarks (about 45 minutes; see BENCHMARKS.md)"
+	@echo "make bench   run the CPU benchmarks (about 35 minutes; see BENCHMARKS.md)"
 	@echo "make bench-env  the Triton environment $(TRITON_VENV) for bench/serve.py's peers"
-	@echo "make bench-serve-quick  a ~5-minute check of bench/serve.py (all systems)"
+	@echo "make bench-serve-quick  a ~3-minute check of bench/serve.py (all systems)"
 
 # torch is installed first, pinned, so pip takes the local CPU wheel and never a CUDA build
 $(STAMP): pyproject.toml
@@ -84,8 +84,7 @@ bench: setup bench-env
 	$(BIN)/python bench/train_demo.py
 
 bench-serve-quick: setup bench-env
-	$(BIN)/python bench/serve.py --quick --json-out /tmp/serve-quick.json \
-		--md-out /tmp/serve-quick.md
+	$(BIN)/python bench/serve.py --quick
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -6,7 +6,7 @@ Commands (JSON lines):
   {"cmd": "run", "system": "gruserve"|"naive"|"triton", "api": "unary"|"stream"|"batch",
    "target": HOST:PORT, "model": Triton model name, "workload": NAME, "seed": 0,
    "concurrency": C | "rate": R, "batch_size": N, "warmup_s": S, "duration_s": S,
-   "server_pids": [...], "metrics_url": URL or null, "timeout_s": S}
+   "server_pids": [...], "metrics_url": URL or null, "timeout_s": S, "stagger_s": S}
       -> {"result": LoadTestResult.to_dict(), "cpu": {server, client, others},
           "server_stats": {...}}
   {"cmd": "tokens", "system": ..., "target": ..., "model": ..., "workload": ..., "seed": 0,
@@ -120,6 +120,21 @@ def _triton_client(cmd: dict):
     return InferenceServerClient(cmd["target"])
 
 
+class Staggered:
+    """Closed loop: worker k's first request waits stagger_s * k / C (a warm-up request, so
+    the wait is in no figure). Workers that start together stay in lockstep at a fixed
+    length (a continuous batcher admits and finishes them at the same steps), and a short
+    window then counts whole cohorts: +-1 cohort is +-25% in a 4 s window at c=64."""
+
+    def __init__(self, caller, concurrency: int, stagger_s: float) -> None:
+        self.caller, self.concurrency, self.stagger_s = caller, concurrency, stagger_s
+
+    async def __call__(self, record) -> None:
+        if record.index < self.concurrency:
+            await asyncio.sleep(self.stagger_s * record.index / self.concurrency)
+        await self.caller(record)
+
+
 # --- server-side counters -----------------------------------------------------------------------
 
 _SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)$')
@@ -182,6 +197,8 @@ async def _run(cmd: dict) -> dict:
             caller = TritonCaller(client, cmd["model"], requests, cmd.get("timeout_s", 120.0))
         else:
             caller = _gruserve_caller(client, requests, cmd)
+        if shape.concurrency and cmd.get("stagger_s"):
+            caller = Staggered(caller, shape.concurrency, cmd["stagger_s"])
         url, model = cmd.get("metrics_url"), cmd.get("model")
         before = _scrape(url, model)
         started = time.monotonic()

@@ -9,7 +9,8 @@ the serving path costs. Latency is from a request's admission to its last token;
 to its first; the figures go through the harness's build_result like every other system's.
 
 Commands: {"cmd": "setup", "bundle": DIR, "threads": N, "num_slots": 256} and {"cmd": "run",
-"workload": NAME, "seed": 0, "concurrency": C, "warmup_s": S, "duration_s": S}.
+"workload": NAME, "seed": 0, "concurrency": C, "warmup_s": S, "duration_s": S,
+"stagger_s": S}.
 """
 
 from __future__ import annotations
@@ -66,29 +67,46 @@ class ContinuousLoop:
         self.tokens[rows] = self.bos
         self.generated[rows] = 0
 
-    def run(self, measure_start_s: float, end_s: float) -> None:
-        now = time.monotonic()
-        self.admit(self.slots, now, warmup=now < measure_start_s)
-        active = np.ones(len(self.slots), dtype=bool)
-        while active.any():
-            rows = np.flatnonzero(active)
-            nxt = step_tokens(self.runner, self.slots, self.tokens, self.params, rows,
-                              self.generated[rows])
+    def run(self, measure_start_s: float, end_s: float, max_requests: int | None = None,
+            stagger_s: float = 0.0) -> None:
+        """Admits requests until end_s (or max_requests of them), then drains the rows. Row r
+        starts stagger_s * r / C after the first, as the load clients' workers do: rows that
+        start together would finish together forever at a fixed length (lockstep cohorts)."""
+        start = time.monotonic()
+        due = start + stagger_s * np.arange(len(self.slots)) / len(self.slots)
+        waiting = np.ones(len(self.slots), dtype=bool)  # not started yet
+        active = np.zeros(len(self.slots), dtype=bool)
+        while True:
             now = time.monotonic()
-            self.tokens[rows] = nxt
-            first = self.generated[rows] == 0
-            for r in rows[first]:
-                self.row_record[r].chunk_s.append(now)
-            ended = nxt == self.eos
-            self.generated[rows] += ~ended
-            done = rows[ended | (self.generated[rows] >= self.params.lengths[rows])]
-            for r in done:
-                record = self.row_record[r]
-                record.done_s, record.num_tokens, record.code = now, int(self.generated[r]), OK
-            if len(done) and now < end_s:
-                self.admit(done, now, warmup=now < measure_start_s)
-            else:
-                active[done] = False
+            starting = np.flatnonzero(waiting & (due <= now))
+            if len(starting):
+                self.admit(starting, now, warmup=now < measure_start_s)
+                waiting[starting], active[starting] = False, True
+            if not active.any():
+                if not waiting.any():
+                    return
+                time.sleep(max(0.0, due[waiting].min() - now))
+                continue
+            self._step(np.flatnonzero(active), active, measure_start_s, end_s, max_requests)
+
+    def _step(self, rows, active, measure_start_s, end_s, max_requests) -> None:
+        nxt = step_tokens(self.runner, self.slots, self.tokens, self.params, rows,
+                          self.generated[rows])
+        now = time.monotonic()
+        self.tokens[rows] = nxt
+        for r in rows[self.generated[rows] == 0]:
+            self.row_record[r].chunk_s.append(now)  # its first token
+        ended = nxt == self.eos
+        self.generated[rows] += ~ended
+        done = rows[ended | (self.generated[rows] >= self.params.lengths[rows])]
+        for r in done:
+            record = self.row_record[r]
+            record.done_s, record.num_tokens, record.code = now, int(self.generated[r]), OK
+        room = len(done) if max_requests is None else max_requests - len(self.records)
+        refill = done[:max(0, room)] if now < end_s else done[:0]
+        if len(refill):
+            self.admit(refill, now, warmup=now < measure_start_s)
+        active[done[len(refill):]] = False
 
 
 def _setup(cmd: dict) -> dict:
@@ -119,7 +137,8 @@ def _run(cmd: dict) -> dict:
     started = time.monotonic()
     measure_start = started + cmd["warmup_s"]
     with CpuWindow([]) as cpu:
-        loop.run(measure_start, measure_start + cmd["duration_s"])
+        loop.run(measure_start, measure_start + cmd["duration_s"],
+                 stagger_s=cmd.get("stagger_s", 0.0))
     wall = time.monotonic() - started
     result = build_result(LoadRun(loop.records, measure_start), shape, target="in-process",
                           stream=True, mix=cmd["workload"], lengths=str(requests.workload.lengths))

@@ -2,7 +2,8 @@
 
     make bench-env                  # once: the Triton environment, .venv-triton (see below)
     python bench/serve.py           # the full run: ~30 minutes on 2 cores (estimate printed)
-    python bench/serve.py --quick   # ~5 minutes: 2 workloads, c = 1 and 64, short points
+    python bench/serve.py --quick   # ~3 minutes: 2 workloads, c = 1 and 64, short points
+                                    # (writes bench/results/serve-quick.*, never committed)
     python bench/serve.py --systems gruserve-unary,triton-compact --workloads uniform-greedy \\
         --concurrency 64            # any part of the grid
     python bench/serve.py --list    # systems, workloads, the plan and its time, then exit
@@ -32,6 +33,9 @@ in the machine's load hits them alike; then open loop (Poisson arrivals, latency
 scheduled time) at --open-fraction (80%) of each system's best closed-loop request rate.
 --rounds R repeats the whole grid and reports medians. tokens/s counts the tokens of the
 requests completed inside the measured window (useful tokens: no padding, no finished rows).
+Closed-loop workers (and the raw loop's rows) start spread over the first half of the
+warm-up: started together, fixed-length requests stay in lockstep cohorts, and a short
+window would count whole cohorts (+-25% at c=64 in 4 s).
 
 The Triton environment: tritonclient pins protobuf < 7 and gruserve's generated code needs
 >= 7.35, so the Triton server and its client run in a second virtual environment (the `bench`
@@ -105,7 +109,7 @@ FULL = Plan(1.5, 4.0, (1, 16, 64, 256), tuple(WORKLOADS), 0.8)
 QUICK = Plan(0.5, 2.0, (1, 64), ("uniform-greedy", "geometric-mixed"), 0.8)
 # per point, beyond warm-up and window: the drain (the last requests in flight) and the
 # client's setup, measured in --quick runs on the 2-core machine
-POINT_OVERHEAD_S = 1.5
+POINT_OVERHEAD_S = 1.0
 
 
 def estimate_s(plan: Plan, systems: list[System]) -> float:
@@ -249,6 +253,7 @@ def _command(ctx: Context, system: System, workload: str, concurrency: int | Non
         cmd["batch_size"] = min(args.batch_size, concurrency or args.batch_size)
     if concurrency is not None:  # C requests in flight; GenerateBatch: C / N calls of N
         cmd["concurrency"] = max(1, concurrency // cmd.get("batch_size", 1))
+        cmd["stagger_s"] = plan.warmup_s / 2  # see load_client.Staggered
     else:
         cmd["rate"] = rate / cmd.get("batch_size", 1)
     return cmd
@@ -411,11 +416,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan, list[S
     parser.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request deadline, s")
     parser.add_argument("--num-entities", type=int, default=2000, help="users and items each")
-    parser.add_argument("--json-out", default=str(HERE / "results" / "serve.json"))
-    parser.add_argument("--md-out", default=str(HERE / "results" / "serve.md"))
+    parser.add_argument("--json-out", help="default bench/results/serve.json "
+                        "(--quick: serve-quick.json, so a check never replaces a recorded run)")
+    parser.add_argument("--md-out", help="default bench/results/serve.md (--quick: serve-quick.md)")
     parser.add_argument("--keep", action="store_true", help="keep the model and the logs")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    stem = "serve-quick" if args.quick else "serve"
+    args.json_out = args.json_out or str(HERE / "results" / f"{stem}.json")
+    args.md_out = args.md_out or str(HERE / "results" / f"{stem}.md")
     try:
         systems = [SYSTEMS[s] for s in _names(args.systems)]
         changes = {}

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -214,3 +216,16 @@ def test_cli_batch_size_over_the_server_limit_and_with_stream(server, capsys):
     with pytest.raises(SystemExit) as info:
         main(_cli(server, "--batch-size", "2", "--stream"))
     assert info.value.code == 2
+
+
+def test_the_generator_and_results_import_without_the_grpc_client():
+    # bench/ drives Triton with them from an environment whose protobuf cannot load gruserve.v1
+    code = (
+        "import sys; import gruserve.runtime.loadtest as lt\n"
+        "lt.LoadGenerator, lt.build_result, lt.LengthSequence\n"
+        "assert 'gruserve.runtime.client' not in sys.modules, 'client imported eagerly'\n"
+        "assert not any(m.startswith('gruserve.v1') for m in sys.modules), 'pb2 imported'\n"
+        "lt.run_loadtest, lt.GrpcBatchCaller\n"
+        "assert 'gruserve.runtime.client' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
