@@ -7,6 +7,7 @@ the same real weights and the same bundle.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,10 @@ def tiny_bundle(tiny_bundle_dir):
     from gruserve.runtime.bundle import load_bundle
 
     return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="session")
+def entities(tiny_bundle_dir):
+    """(users, items): the tiny bundle's external ids."""
+    data = json.loads((tiny_bundle_dir / "entities.json").read_text())
+    return data["users"], data["items"]

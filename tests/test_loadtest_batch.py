@@ -119,12 +119,6 @@ def server(tiny_bundle_dir):
         yield s
 
 
-@pytest.fixture(scope="module")
-def entities(tiny_bundle_dir):
-    data = json.loads((tiny_bundle_dir / "entities.json").read_text())
-    return data["users"], data["items"]
-
-
 def _run(server, shape, **kw):
     config = LoadTestConfig(
         connection=Connection(server.target), shape=shape,
