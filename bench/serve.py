@@ -1,7 +1,7 @@
 """Serving benchmark: gruserve against what its users would otherwise run, side by side.
 
     make bench-env                  # once: the Triton environment, .venv-triton (see below)
-    python bench/serve.py           # the full run: ~30 minutes on 2 cores (estimate printed)
+    python bench/serve.py           # the full run: ~25-30 minutes on 2 cores (estimate printed)
     python bench/serve.py --quick   # ~3 minutes: 2 workloads, c = 1 and 64, short points
                                     # (writes bench/results/serve-quick.*, never committed)
     python bench/serve.py --systems gruserve-unary,triton-compact --workloads uniform-greedy \\
@@ -109,7 +109,7 @@ FULL = Plan(1.5, 4.0, (1, 16, 64, 256), tuple(WORKLOADS), 0.8)
 QUICK = Plan(0.5, 2.0, (1, 64), ("uniform-greedy", "geometric-mixed"), 0.8)
 # per point, beyond warm-up and window: the drain (the last requests in flight) and the
 # client's setup, measured in --quick runs on the 2-core machine
-POINT_OVERHEAD_S = 1.0
+POINT_OVERHEAD_S = 1.3
 
 
 def estimate_s(plan: Plan, systems: list[System]) -> float:
@@ -195,7 +195,8 @@ def start_servers(stack, servers: set[str], model, work: Path, args) -> dict[str
         cmd = [args.triton_python, str(HERE / "triton_peer.py"), str(model.bundle),
                "--grpc-port", str(grpc_port), "--http-port", str(http_port),
                "--metrics-port", str(metrics_port), "--threads", threads,
-               "--max-queue-delay-us", str(args.triton_queue_delay_us)]
+               "--max-queue-delay-us", str(args.triton_queue_delay_us),
+               "--instances", str(args.triton_instances)]
         address, pid = stack.enter_context(launched("triton", cmd, work / "triton.log"))
         out["triton"] = Server(address, pid, f"http://127.0.0.1:{metrics_port}/metrics")
     return out
@@ -414,6 +415,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan, list[S
                         help="the Triton environment's interpreter (default .venv-triton)")
     parser.add_argument("--triton-queue-delay-us", type=int, default=0,
                         help="Triton dynamic batcher's max_queue_delay_microseconds (default 0)")
+    parser.add_argument("--triton-instances", type=int, default=1,
+                        help="Triton model instances per model (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request deadline, s")
     parser.add_argument("--num-entities", type=int, default=2000, help="users and items each")
@@ -451,8 +454,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan, list[S
         if not 0 <= args.open_fraction <= 2:
             parser.error("--open-fraction: in 0..2")
         changes["open_fraction"] = args.open_fraction or None
-    if args.batch_size < 1:
-        parser.error("--batch-size: must be >= 1")
+    if args.batch_size < 1 or args.triton_instances < 1:
+        parser.error("--batch-size and --triton-instances: must be >= 1")
     if any(s.server == "triton" for s in systems) and not args.list and not Path(
         args.triton_python
     ).exists():
@@ -507,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": _versions(args, servers), "model": REFERENCE,
             "plan": {**plan.__dict__, "batch_size": args.batch_size,
                      "triton_queue_delay_us": args.triton_queue_delay_us,
+                     "triton_instances": args.triton_instances,
                      "threads": args.threads or os.cpu_count()},
             "workloads": {w: WORKLOADS[w].describe() for w in plan.workloads},
             "parity": checks, "wall_s": round(time.monotonic() - started),

@@ -207,7 +207,8 @@ def render(meta: dict, rows: list[dict]) -> str:
         f"- points: {plan['warmup_s']:g} s warm-up (excluded) + {plan['duration_s']:g} s "
         f"measured, {plan['rounds']} round(s) (medians), systems interleaved point by point; "
         f"GenerateBatch up to {plan['batch_size']} per call; Triton max_queue_delay "
-        f"{plan['triton_queue_delay_us']} us; {plan['threads']} ORT/torch threads per server",
+        f"{plan['triton_queue_delay_us']} us, {plan['triton_instances']} instance(s) per model; "
+        f"{plan['threads']} ORT/torch threads per server (per Triton instance)",
         "- tokens/s: useful tokens of the requests completed in the window; latency: end to "
         "end at the client (open loop: from the scheduled time); TTFT: at the client when "
         "streaming, else as the server reports it (unary Triton: none)",

@@ -5,9 +5,10 @@ batcher, the bound Python function decoding each batch step by step in ONNX Runt
         --metrics-port 8002
     -> prints "triton: serving BUNDLE on 127.0.0.1:8001" once both models are ready
 
-Two models, each with one instance (on 2 cores a second instance only splits the same cores
-between two ORT sessions) and its own StepRunner (gruserve's ORT sessions with I/O binding and
-the device-resident state pool, 256 slots: max_batch_size):
+Two models, each with --instances model instances (default 1: on 2 cores a second one splits
+the same cores between two ORT sessions; the knob is there to measure that), each instance
+with its own StepRunner (gruserve's ORT sessions with I/O binding and the device-resident
+state pool, max_batch_size slots):
 
   nrt_plain     the batch runs until its longest member is done, every row every step
   nrt_compact   finished rows are dropped each step
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=256,
                         help="Triton's max_batch_size = each runner's slots (default 256, "
                         "gruserve's slot count)")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="model instances per model, each with --threads ORT threads "
+                        "(default 1)")
     parser.add_argument("--max-queue-delay-us", type=int, default=0,
                         help="dynamic batcher: how long a request may wait for more to batch "
                         "with (default 0: batch whatever queued while the model was busy)")
@@ -123,12 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with Triton(config=config) as triton:
+        bos, eos = bundle.special_ids["bos"], bundle.special_ids["eos"]
         for name, compact in (("nrt_plain", False), ("nrt_compact", True)):
-            runner = StepRunner(bundle, num_slots=args.max_batch_size, config=session)
+            # a list of callables: one model instance each, as PyTriton spells it
+            instances = [
+                make_infer(StepRunner(bundle, num_slots=args.max_batch_size, config=session),
+                           bos, eos, users, items, compact)
+                for _ in range(args.instances)
+            ]
             triton.bind(
                 model_name=name,
-                infer_func=make_infer(runner, bundle.special_ids["bos"],
-                                      bundle.special_ids["eos"], users, items, compact),
+                infer_func=instances,
                 inputs=inputs, outputs=outputs,
                 config=ModelConfig(
                     max_batch_size=args.max_batch_size,
