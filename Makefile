@@ -6,10 +6,16 @@
 #   .venv-runtime  what a user of the runtime gets from `pip install .` (no torch, no onnx,
 #                  the package installed, not editable): make serve; make test-runtime adds
 #                  the test tools (the dev extra) and runs the torch-free lane in it
+#   .venv-triton   bench/serve.py's Triton peers (PyTriton, tritonclient: protobuf < 7), with
+#                  gruserve installed without its dependencies: make bench-env
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+# the Triton peers' environment (bench/serve.py): see [dependency-groups] in pyproject.toml
+TRITON_VENV  ?= .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 RUNTIME_VENV ?= .venv-runtime
 RUNTIME_BIN  := $(RUNTIME_VENV)/bin
@@ -17,8 +23,8 @@ RUNTIME_BIN  := $(RUNTIME_VENV)/bin
 PACKAGE_SRC  := pyproject.toml $(shell find export runtime protos -type f \
 	-not -path '*/__pycache__/*' -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: setup serve test test-runtime lint deploy-check proto bench demo-bundle synthetic-bundle \
-	clean help
+.PHONY: setup serve test test-runtime lint deploy-check proto bench bench-env bench-serve-quick \
+	demo-bundle synthetic-bundle clean help
 
 help:
 	@echo "make serve          install the runtime only ($(RUNTIME_VENV)) and serve the demo model on 127.0.0.1:50051"
@@ -29,7 +35,9 @@ help:
 	@echo "make proto          regenerate the protobuf code from protos/"
 	@echo "make demo-bundle    retrain and re-export the embedded demo model (about 2 minutes)"
 	@echo "make synthetic-bundle  rebuild tests/data/synthetic-bundle (random weights, for wiring tests)"
-	@echo "make bench          run the CPU benchmarks (about 15 minutes; see BENCHMARKS.md)"
+	@echo "make bench          run the CPU benchmarks (about 35 minutes; see BENCHMARKS.md)"
+	@echo "make bench-env      the Triton environment $(TRITON_VENV) for bench/serve.py's peers"
+	@echo "make bench-serve-quick  a ~3-minute check of bench/serve.py (all systems)"
 
 # torch is installed first, pinned, so pip takes the local CPU wheel and never a CUDA build
 $(STAMP): pyproject.toml
@@ -57,6 +65,17 @@ $(RUNTIME_VENV)/.installed-dev: $(PACKAGE_SRC)
 	$(RUNTIME_BIN)/python -m pip install -q ".[dev]"
 	rm -rf build
 	touch $@ $(RUNTIME_VENV)/.installed-serve
+
+# pip >= 25.1 reads the dependency group; gruserve without its dependencies (protobuf < 7 here)
+$(TRITON_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade "pip>=25.1"
+	$(TRITON_VENV)/bin/python -m pip install -q --group bench
+	$(TRITON_VENV)/bin/python -m pip install -q --no-deps -e .
+	rm -f $(TRITON_VENV)/.installed-*
+	touch $@
+
+bench-env: $(TRITON_STAMP)
 
 serve: $(RUNTIME_VENV)/.installed-serve
 	$(RUNTIME_BIN)/gruserve serve $(ARGS)
@@ -107,11 +126,14 @@ proto: setup
 		$(OIP_PB2)
 	grep -q '_descriptor_pool.DescriptorPool().AddSerializedFile' $(OIP_PB2)
 
-bench: setup
+bench: setup bench-env
 	$(BIN)/python bench/graphs.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/train_demo.py
+
+bench-serve-quick: setup bench-env
+	$(BIN)/python bench/serve.py --quick
 
 # retrain the demo model and rewrite what ships: runtime/demo_model/{checkpoint.pt,bundle/}
 demo-bundle: setup
@@ -122,4 +144,4 @@ synthetic-bundle: setup
 	$(BIN)/python -m tests.synthetic_bundle
 
 clean:
-	rm -rf $(VENV) $(RUNTIME_VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(RUNTIME_VENV) $(TRITON_VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+from reference_model import build_reference_model
 
 BATCHES = (1, 64, 256)
 # engine rows: the three sizes, and more clients than slots (a queue that never empties)
@@ -62,31 +63,8 @@ class Row:
 
 def build_bundle(out_dir: Path, seed: int = 0):
     """An untrained reference-size NRT written as a bundle; returns (model, bundle dir)."""
-    import torch
-
-    from gruserve.export.bundle_writer import write_bundle
-    from gruserve.export.checkpoint import Checkpoint
-    from gruserve.export.config import ModelConfig
-    from gruserve.export.model import NRT
-    from gruserve.export.vocab import SPECIAL_TOKENS, EntityIndex, Vocabulary
-
-    torch.manual_seed(seed)
-    config = ModelConfig(
-        num_users=NUM_USERS, num_items=NUM_ITEMS, ntoken=20004, emsize=300, hidden_size=400,
-        max_len=NUM_WORDS,
-    )
-    vocab = Vocabulary(SPECIAL_TOKENS + tuple(f"w{i}" for i in range(config.ntoken - 4)))
-    model = NRT(config).eval()
-    with torch.no_grad():
-        model.decoder.linear.bias[vocab.eos_id] = -1e4  # see the module docstring
-    checkpoint = Checkpoint(
-        model_config=config,
-        state_dict={k: v.clone() for k, v in model.state_dict().items()},
-        vocab=vocab,
-        users=EntityIndex(tuple(f"u{i}" for i in range(NUM_USERS))),
-        items=EntityIndex(tuple(f"i{i}" for i in range(NUM_ITEMS))),
-    )
-    return model, write_bundle(checkpoint, out_dir / "nrt-ref", top_k=64)
+    ref = build_reference_model(out_dir / "nrt-ref", NUM_USERS, NUM_ITEMS, seed)
+    return ref.model, ref.bundle
 
 
 @contextlib.contextmanager

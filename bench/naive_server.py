@@ -1,7 +1,9 @@
 """The baseline for bench/serve.py: the gruserve.v1 API served the way research code decodes.
 
-PyTorch eager, one request at a time (a lock around a batch-1 greedy decode), no batching, no
-ONNX. It implements Generate and GetModelInfo of the same proto, so the same harness drives it.
+PyTorch eager, one request at a time (a lock around a batch-1 decode), no batching, no ONNX.
+It implements Generate and GetModelInfo of the same proto, so the same harness drives it.
+Greedy, or sampling (temperature, top_k, top_p, seed) over the full vocabulary with torch's
+own RNG: a sampled request picks other tokens than gruserve's, but as many of them.
 
     python bench/naive_server.py CHECKPOINT.pt --port 0
     -> prints "naive: serving CHECKPOINT.pt on 127.0.0.1:PORT"
@@ -25,23 +27,44 @@ from gruserve.v1 import gruserve_pb2 as pb
 from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
 
+def sample_token(scores: torch.Tensor, p: pb.DecodingParameters, rng: torch.Generator):
+    """One token from (1, V) log-probs: temperature, then top_k, then the top_p nucleus."""
+    logits = scores / (p.temperature or 1.0)
+    if p.top_k:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if 0 < p.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=rng)  # (1, 1)
+
+
 @torch.no_grad()
 def decode_one(
-    model: NRT, hidden: torch.Tensor, bos: int, eos: int, max_tokens: int, min_tokens: int
+    model: NRT, hidden: torch.Tensor, bos: int, eos: int, max_tokens: int,
+    params: pb.DecodingParameters,
 ) -> tuple[list[int], float]:
-    """export.model.greedy_decode at batch 1, plus <eos> suppressed before min_tokens.
+    """export.model.greedy_decode at batch 1 (or sampling), plus <eos> suppressed before
+    min_tokens.
 
     Returns the tokens and the seconds to the first one."""
     start = time.perf_counter()
     first_s = 0.0
+    sample = params.strategy == pb.DECODING_STRATEGY_SAMPLE
+    rng = torch.Generator().manual_seed(params.seed) if sample else None
     token = torch.full((1, 1), bos, dtype=torch.int64)
     out: list[int] = []
     for step in range(max_tokens):
         log_probs, hidden = model.decoder(token, hidden)  # (1, 1, V)
         scores = log_probs[:, -1]  # (1, V)
-        if step < min_tokens:
+        if step < params.min_tokens:
             scores[:, eos] = float("-inf")
-        token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
+        if sample:
+            token = sample_token(scores, params, rng)
+        else:
+            token = scores.argmax(dim=-1, keepdim=True)  # (1, 1)
         if step == 0:
             first_s = time.perf_counter() - start
         tok = int(token.item())
@@ -73,6 +96,8 @@ class NaiveServicer(pb_grpc.GeneratorServicer):
                 context.abort(grpc.StatusCode.NOT_FOUND, "unknown user or item")
         elif which != "hidden_state":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "set user_item or hidden_state")
+        if p.strategy == pb.DECODING_STRATEGY_BEAM:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the naive server has no beam search")
         with self.lock:
             admitted = time.perf_counter()
             rating = None
@@ -83,7 +108,7 @@ class NaiveServicer(pb_grpc.GeneratorServicer):
                 else:
                     hidden = torch.tensor(list(request.hidden_state.values)).view(1, 1, -1)
             tokens, first_s = decode_one(
-                self.model, hidden, self.vocab.bos_id, self.vocab.eos_id, max_tokens, p.min_tokens
+                self.model, hidden, self.vocab.bos_id, self.vocab.eos_id, max_tokens, p
             )
         done = time.perf_counter()
         reply = pb.GenerateResponse(

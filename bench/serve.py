@@ -1,30 +1,51 @@
-"""Serving benchmark: gruserve against a naive PyTorch-eager server, side by side in one run.
+"""Serving benchmark: gruserve against what its users would otherwise run, side by side.
 
-    python bench/serve.py            # full run (~6-10 minutes), writes bench/results/serve.md
-    python bench/serve.py --quick    # ~2-minute smoke (same table, fewer and shorter points)
+    make bench-env                  # once: the Triton environment, .venv-triton (see below)
+    python bench/serve.py           # the full run: ~25-30 minutes on 2 cores (estimate printed)
+    python bench/serve.py --quick   # ~3 minutes: 2 workloads, c = 1 and 64, short points
+                                    # (writes bench/results/serve-quick.*, never committed)
+    python bench/serve.py --systems gruserve-unary,triton-compact --workloads uniform-greedy \\
+        --concurrency 64            # any part of the grid
+    python bench/serve.py --list    # systems, workloads, the plan and its time, then exit
 
-Three servers, one at a time, each a subprocess on this machine, each driven by the load-test
-harness (gruserve.runtime.loadtest) running in THIS process. The harness shares the CPU with
-the server: on a 2-core machine its cost is part of every figure.
+Writes bench/results/serve.json (one row per system, workload, load and concurrency) and
+bench/results/serve.md (the tables), and prints the machine: CPU model and the ISA flags
+that decide ORT's speed (avx512f, avx512_vnni, avx_vnni, amx).
 
-  naive       bench/naive_server.py: PyTorch eager, one request at a time (batch-1 greedy
-              decode under a lock), the way the research code decodes
-  gruserve-1  gruserve with batching off (--num-slots 1)
-  gruserve    gruserve with continuous batching (--num-slots 256)
+Systems (every server a process of its own, started once; clients in processes of their own):
 
-Each server gets a closed loop at concurrency 1, 16, 64, 256, then an open-loop (Poisson)
-sweep at fractions of its saturating rate (its best closed-loop throughput). The model is an
-untrained NRT at the reference sizes (vocab 20004, emb 300, hidden 400, 15 words) written to a
-temporary directory, with the decoder's <eos> output bias set to -1e4 (as bench/engine.py
-does): no server ever picks <eos>, so every request yields exactly max_tokens = 15 tokens on
-the cheap greedy graph. `--min-tokens` forces the length with min_tokens instead, which puts
-every step on the TopK graph. Needs the export extra (torch, onnx).
+  naive            bench/naive_server.py: PyTorch eager, one request at a time
+  triton-plain     Triton (PyTriton) + dynamic batcher, the bound Python function decoding
+                   its batch in ORT until the longest member is done (bench/triton_peer.py)
+  triton-compact   the same, dropping finished rows each step
+  gruserve-unary   gruserve, Generate
+  gruserve-stream  gruserve, GenerateStream
+  gruserve-batch   gruserve, GenerateBatch with up to --batch-size requests per call
+                   (concurrency C: C requests in flight, as min(C, N)-request calls)
+  raw              the raw ORT step loop, continuous batching with no server (bench/raw_loop.py)
+
+All decode the same bundle with gruserve's StepRunner (ORT, I/O binding, state pool), except
+naive (torch). Workloads are in bench/workloads.py: request i is the same for every system.
+
+Each workload is measured closed loop at each concurrency (1, 16, 64, 256), the systems
+interleaved point by point (system A at c=1, B at c=1, ..., A at c=16, ...) so that a drift
+in the machine's load hits them alike; then open loop (Poisson arrivals, latency from the
+scheduled time) at --open-fraction (80%) of each system's best closed-loop request rate.
+--rounds R repeats the whole grid and reports medians. tokens/s counts the tokens of the
+requests completed inside the measured window (useful tokens: no padding, no finished rows).
+Closed-loop workers (and the raw loop's rows) start spread over the first half of the
+warm-up: started together, fixed-length requests stay in lockstep cohorts, and a short
+window would count whole cohorts (+-25% at c=64 in 4 s).
+
+The Triton environment: tritonclient pins protobuf < 7 and gruserve's generated code needs
+>= 7.35, so the Triton server and its client run in a second virtual environment (the `bench`
+dependency group of pyproject.toml, plus gruserve itself without its dependencies, for the
+StepRunner). `--triton-python` points elsewhere; without it, leave the Triton systems out.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -39,26 +60,39 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from machine import cpu_model  # bench/machine.py (scripts run from bench/)
-
-from gruserve.runtime.client import Connection, GruserveClient
-from gruserve.runtime.loadtest import (
-    LoadShape,
-    LoadTestConfig,
-    LoadTestResult,
-    Warmup,
-    read_entities,
-    run_loadtest,
-)
+from machine import isa_flags, machine_line
+from reference_model import REFERENCE, build_reference_model
+from serve_report import aggregate, render
+from worker import Worker, WorkerError
+from workloads import WORKLOADS
 
 HERE = Path(__file__).resolve().parent
-REFERENCE = dict(ntoken=20004, emsize=300, hidden_size=400, max_len=15)
-NUM_TOKENS = 15
-PARITY_PAIRS = 8
+ROOT = HERE.parent
+PARITY_COUNT = 8
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    server: str  # naive | triton | gruserve | raw
+    api: str  # unary | stream | batch
+    model: str | None = None  # Triton's model name
+    open_loop: bool = True
+
+
+SYSTEMS = {s.name: s for s in (
+    System("naive", "naive", "unary"),
+    System("triton-plain", "triton", "unary", "nrt_plain"),
+    System("triton-compact", "triton", "unary", "nrt_compact"),
+    System("gruserve-unary", "gruserve", "unary"),
+    System("gruserve-stream", "gruserve", "stream"),
+    System("gruserve-batch", "gruserve", "batch"),
+    System("raw", "raw", "unary", open_loop=False),  # no server: nothing to send arrivals to
+)}
 
 
 @dataclass(frozen=True)
@@ -66,60 +100,26 @@ class Plan:
     warmup_s: float
     duration_s: float
     concurrencies: tuple[int, ...]
-    rate_fractions: tuple[float, ...]  # of the saturating rate
+    workloads: tuple[str, ...]
+    open_fraction: float | None  # of the best closed-loop request rate; None: no open loop
+    rounds: int = 1
 
 
-FULL = Plan(2.0, 8.0, (1, 16, 64, 256), (0.5, 0.8, 1.0, 1.2))
-QUICK = Plan(1.0, 3.0, (1, 64), (0.8,))
+FULL = Plan(1.5, 4.0, (1, 16, 64, 256), tuple(WORKLOADS), 0.8)
+QUICK = Plan(0.5, 2.0, (1, 64), ("uniform-greedy", "geometric-mixed"), 0.8)
+# per point, beyond warm-up and window: the drain (the last requests in flight) and the
+# client's setup, measured in --quick runs on the 2-core machine
+POINT_OVERHEAD_S = 1.3
 
 
-@dataclass
-class Point:
-    server: str
-    result: LoadTestResult
-    fraction: float | None = None  # open loop: offered rate / saturating rate
-    cpu: dict[str, float] | None = None  # cores: server, harness, others (see CpuMeter)
-
-    @property
-    def load(self) -> str:
-        r = self.result
-        if r.mode == "closed":
-            return f"c={r.concurrency}"
-        return f"{r.offered_rps:.1f}/s ({self.fraction:.0%})"
+def estimate_s(plan: Plan, systems: list[System]) -> float:
+    closed = len(plan.concurrencies) * len(systems)
+    opened = sum(s.open_loop for s in systems) if plan.open_fraction else 0
+    points = plan.rounds * len(plan.workloads) * (closed + opened)
+    return points * (plan.warmup_s + plan.duration_s + POINT_OVERHEAD_S) + 90  # + start-up
 
 
-# --- the model -----------------------------------------------------------------------------
-
-
-def build_reference_model(out: Path, num_users: int, num_items: int, seed: int = 0):
-    """An untrained NRT at the reference sizes: (checkpoint path, bundle dir)."""
-    import torch
-
-    from gruserve.export.bundle_writer import write_bundle
-    from gruserve.export.checkpoint import Checkpoint, save_checkpoint
-    from gruserve.export.config import ModelConfig
-    from gruserve.export.model import NRT
-    from gruserve.export.vocab import SPECIAL_TOKENS, EntityIndex, Vocabulary
-
-    torch.manual_seed(seed)
-    config = ModelConfig(num_users=num_users, num_items=num_items, **REFERENCE)
-    words = SPECIAL_TOKENS + tuple(f"w{i}" for i in range(config.ntoken - len(SPECIAL_TOKENS)))
-    vocab = Vocabulary(words)
-    model = NRT(config)
-    with torch.no_grad():
-        model.decoder.linear.bias[vocab.eos_id] = -1e4  # see the module docstring
-    checkpoint = Checkpoint(
-        model_config=config,
-        state_dict=model.state_dict(),
-        vocab=vocab,
-        users=EntityIndex([f"u{i}" for i in range(num_users)]),
-        items=EntityIndex([f"i{i}" for i in range(num_items)]),
-    )
-    save_checkpoint(checkpoint, out / "nrt.pt")
-    return out / "nrt.pt", write_bundle(checkpoint, out / "bundle")
-
-
-# --- servers -------------------------------------------------------------------------------
+# --- servers -----------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -129,15 +129,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def launched(name: str, cmd: list[str], log_path: Path, timeout_s: float = 300.0):
-    """Starts a server that prints '... on HOST:PORT' when ready; yields (HOST:PORT, pid)."""
+def launched(name: str, cmd: list[str], log_path: Path, env: dict | None = None,
+             timeout_s: float = 300.0):
+    """Starts a server that prints '...serving ... on HOST:PORT' when ready; yields
+    (HOST:PORT, pid); SIGTERM (then SIGKILL after 30 s) on the way out."""
     log = log_path.open("w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     lines: queue.Queue = queue.Queue()
 
-    def pump() -> None:
+    def pump() -> None:  # keeps reading: a server's chatty stdout never fills the pipe
         for line in proc.stdout:
             lines.put(line)
+            log.write(line)
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
@@ -151,7 +154,7 @@ def launched(name: str, cmd: list[str], log_path: Path, timeout_s: float = 300.0
                 break
             if line is None:
                 break
-            match = re.search(r" on (\S+:\d+)\s*$", line)
+            match = re.search(r"serving .* on (\S+:\d+)\s*$", line)
             target = match.group(1) if match else None
         if target is None:
             raise RuntimeError(f"{name} did not start; see {log_path}")
@@ -166,374 +169,358 @@ def launched(name: str, cmd: list[str], log_path: Path, timeout_s: float = 300.0
         log.close()
 
 
-def server_commands(ckpt: Path, bundle: Path, args) -> dict[str, tuple[list[str], int | None]]:
-    """name -> (command, metrics port or None)."""
-    py = sys.executable
-    common = ["--port", "0", "--device", args.device, "--threads", str(args.threads),
-              "--grace", "2"]
-    commands: dict[str, tuple[list[str], int | None]] = {
-        "naive": ([py, str(HERE / "naive_server.py"), str(ckpt), "--port", "0",
-                   "--threads", str(args.threads)], None),
-    }
-    for name, slots in (("gruserve-1", 1), ("gruserve", 256)):
-        port = free_port()
-        commands[name] = (
-            [py, "-m", "gruserve.runtime", "--log-level", "WARNING", "serve", str(bundle),
-             *common, "--num-slots", str(slots), "--metrics-port", str(port)],
-            port,
-        )
-    return commands
-
-
-# --- CPU accounting: who used the cores during a point ------------------------------------
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _busy_ticks() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs from /proc/stat; None off Linux."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
-
-
-def _proc_ticks(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime, all threads
-
-
-class CpuMeter:
-    """Cores used during a point by the server, by this process (the harness), and by
-    everything else on the machine (other users' jobs: noise the figures carry)."""
-
-    def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
-
-    def __enter__(self) -> CpuMeter:
-        self.usage: dict[str, float] | None = None
-        self._start = (time.monotonic(), _busy_ticks(), _proc_ticks(self.server_pid),
-                       sum(os.times()[:2]))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall0, busy0, server0, self0 = self._start
-        busy1 = _busy_ticks()
-        if busy0 is None or busy1 is None:
-            return
-        wall = time.monotonic() - wall0
-        server = (_proc_ticks(self.server_pid) - server0) / _TICK / wall
-        harness = (sum(os.times()[:2]) - self0) / wall
-        machine = (busy1[0] - busy0[0]) / _TICK / wall
-        self.usage = {"server": server, "harness": harness,
-                      "others": max(machine - server - harness, 0.0)}
-
-
-# --- driving -------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
-class Target:
-    name: str
+class Server:
     address: str
     pid: int
-    metrics_port: int | None
+    metrics_url: str | None = None
 
 
-def run_point(target: Target, shape: LoadShape, fraction, users, items, args) -> Point:
-    config = LoadTestConfig(
-        connection=Connection(target.address), shape=shape, users=users, items=items,
-        decoding=dict(max_tokens=NUM_TOKENS, min_tokens=NUM_TOKENS if args.min_tokens else 0),
-        timeout_s=args.timeout,
-        metrics_url=f"127.0.0.1:{target.metrics_port}" if target.metrics_port else None,
-    )
-    with CpuMeter(target.pid) as meter:
-        result = asyncio.run(run_loadtest(config))
-    point = Point(target.name, result, fraction, meter.usage)
+def start_servers(stack, servers: set[str], model, work: Path, args) -> dict[str, Server]:
+    py, threads = sys.executable, str(args.threads)
+    out: dict[str, Server] = {}
+    if "naive" in servers:
+        cmd = [py, str(HERE / "naive_server.py"), str(model.checkpoint), "--port", "0",
+               "--threads", threads]
+        out["naive"] = Server(*stack.enter_context(launched("naive", cmd, work / "naive.log")))
+    if "gruserve" in servers:
+        port = free_port()
+        cmd = [py, "-m", "gruserve.runtime", "--log-level", "WARNING", "serve", str(model.bundle),
+               "--port", "0", "--device", "cpu", "--threads", threads, "--num-slots", "256",
+               "--grace", "2", "--metrics-port", str(port)]
+        address, pid = stack.enter_context(launched("gruserve", cmd, work / "gruserve.log"))
+        out["gruserve"] = Server(address, pid, f"http://127.0.0.1:{port}/metrics")
+    if "triton" in servers:
+        grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+        cmd = [args.triton_python, str(HERE / "triton_peer.py"), str(model.bundle),
+               "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+               "--metrics-port", str(metrics_port), "--threads", threads,
+               "--max-queue-delay-us", str(args.triton_queue_delay_us),
+               "--instances", str(args.triton_instances)]
+        address, pid = stack.enter_context(launched("triton", cmd, work / "triton.log"))
+        out["triton"] = Server(address, pid, f"http://127.0.0.1:{metrics_port}/metrics")
+    return out
+
+
+def start_workers(stack, servers: set[str], model, work: Path, args) -> dict[str, Worker]:
+    from gruserve.runtime.loadtest import read_entities
+
+    users, items = read_entities(model.bundle)
+    wanted = {"main": servers & {"naive", "gruserve"}, "triton": servers & {"triton"},
+              "raw": servers & {"raw"}}
+    out = {}
+    for name, needed in wanted.items():
+        if not needed:
+            continue
+        script = HERE / ("raw_loop.py" if name == "raw" else "load_client.py")
+        python = args.triton_python if name == "triton" else sys.executable
+        worker = Worker(f"{name} worker", [python, str(script)], work / f"{name}-worker.log")
+        stack.callback(worker.close)
+        if name == "raw":
+            worker.ask({"cmd": "setup", "bundle": str(model.bundle), "threads": args.threads})
+        else:
+            worker.ask({"cmd": "setup", "users": users, "items": items})
+        out[name] = worker
+    return out
+
+
+# --- points ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    plan: Plan
+    servers: dict[str, Server]
+    workers: dict[str, Worker]
+    args: argparse.Namespace
+
+    def worker_for(self, system: System) -> Worker:
+        if system.server == "raw":
+            return self.workers["raw"]
+        return self.workers["triton" if system.server == "triton" else "main"]
+
+
+def _command(ctx: Context, system: System, workload: str, concurrency: int | None,
+             rate: float | None) -> dict:
+    plan, args = ctx.plan, ctx.args
+    cmd = {"cmd": "run", "system": system.server, "api": system.api, "workload": workload,
+           "seed": args.seed, "warmup_s": plan.warmup_s, "duration_s": plan.duration_s,
+           "timeout_s": args.timeout}
+    if system.server != "raw":
+        server = ctx.servers[system.server]
+        cmd.update(target=server.address, server_pids=[server.pid], model=system.model,
+                   metrics_url=server.metrics_url)
+    if system.api == "batch":
+        cmd["batch_size"] = min(args.batch_size, concurrency or args.batch_size)
+    if concurrency is not None:  # C requests in flight; GenerateBatch: C / N calls of N
+        cmd["concurrency"] = max(1, concurrency // cmd.get("batch_size", 1))
+        cmd["stagger_s"] = plan.warmup_s / 2  # see load_client.Staggered
+    else:
+        cmd["rate"] = rate / cmd.get("batch_size", 1)
+    return cmd
+
+
+def run_point(ctx: Context, system: System, workload: str, round_index: int, *,
+              concurrency: int | None = None, rate: float | None = None,
+              fraction: float | None = None) -> dict:
+    point = {"system": system.name, "server": system.server, "api": system.api,
+             "workload": workload, "load": "closed" if concurrency else "open",
+             "concurrency": concurrency, "offered_rps": rate, "fraction": fraction,
+             "round": round_index}
+    cmd = _command(ctx, system, workload, concurrency, rate)
+    limit = ctx.plan.warmup_s + ctx.plan.duration_s + ctx.args.timeout + 60
+    try:
+        reply = ctx.worker_for(system).ask(cmd, timeout_s=limit)
+    except WorkerError as exc:
+        point["error"] = str(exc)
+        print(f"  {system.name:<16} {workload:<17} FAILED: {exc}", flush=True)
+        return point
+    point.update(_figures(reply))
     print_point(point)
     return point
 
 
-def sample_tokens(target: str, users, items) -> list[list[int]]:
-    with GruserveClient(target) as client:
-        return [
-            list(client.generate(user=u, item=i, max_tokens=NUM_TOKENS).token_ids)
-            for u, i in zip(users[:PARITY_PAIRS], items[:PARITY_PAIRS], strict=True)
-        ]
-
-
-def print_point(p: Point) -> None:
-    r = p.result
-    lat = r.latency
-    print(
-        f"  {p.server:<11} {p.load:<16} {r.throughput_rps:8.1f} req/s {r.tokens_per_s:8.0f} tok/s"
-        f"  p50 {lat.p50_ms if lat else float('nan'):8.1f} ms  p99 "
-        f"{lat.p99_ms if lat else float('nan'):8.1f} ms  errors {r.num_failed}  cpu {_cpu(p)}",
-        flush=True,
-    )
-
-
-def bench_all(targets: list[Target], plan: Plan, users, items, args) -> list[Point]:
-    """Every point, the servers interleaved (naive, gruserve-1, gruserve at c=1, then at
-    c=16, ...) so that a slow drift in the machine's background load hits all of them alike."""
-    points = []
-    warmup = Warmup(seconds=plan.warmup_s)
-    for c in plan.concurrencies:
-        for target in targets:
-            shape = LoadShape(concurrency=c, duration_s=plan.duration_s, warmup=warmup)
-            points.append(run_point(target, shape, None, users, items, args))
-    saturation = {
-        t.name: max(p.result.throughput_rps for p in points if p.server == t.name)
-        for t in targets
+def _figures(reply: dict) -> dict:
+    r = reply["result"]
+    m = r["metrics"]
+    return {
+        "tokens_per_s": r["tokens_per_s"], "rps": r["throughput_rps"],
+        "num_sent": r["num_sent"], "num_failed": r["num_failed"], "errors": r["errors"],
+        "p50_ms": m["p50_ms"], "p90_ms": m["p90_ms"], "p99_ms": m["p99_ms"],
+        "ttft_p50_ms": m["ttft_p50_ms"], "ttft_p99_ms": m["ttft_p99_ms"],
+        "ttft_source": r["ttft_source"] if m["ttft_p50_ms"] is not None else None,
+        "server_total_p50_ms": m["server_p50_ms"], "call_p50_ms": m["call_p50_ms"],
+        "batch_size": r["batch_size"], "scheduled_rps": r["scheduled_rps"],
+        "server_cpu_cores": reply["cpu"]["server"], "client_cpu_cores": reply["cpu"]["client"],
+        "others_cpu_cores": reply["cpu"].get("others"), **reply["server_stats"],
     }
-    for fraction in plan.rate_fractions:
-        for target in targets:
-            rate = saturation[target.name] * fraction
-            shape = LoadShape(rate=rate, duration_s=plan.duration_s, warmup=warmup)
-            points.append(run_point(target, shape, fraction, users, items, args))
+
+
+def _ms(value) -> str:
+    return "     -" if value is None else f"{value:6.1f}"
+
+
+def print_point(p: dict) -> None:
+    load = f"c={p['concurrency']}" if p["load"] == "closed" else f"{p['offered_rps']:.0f}/s"
+    print(f"  {p['system']:<16} {p['workload']:<17} {load:<8} {p['tokens_per_s']:8.0f} tok/s"
+          f"  p50 {_ms(p['p50_ms'])}  p99 {_ms(p['p99_ms'])} ms  ttft p50 {_ms(p['ttft_p50_ms'])}"
+          f"  cpu {p['server_cpu_cores']:.2f}/{p['client_cpu_cores']:.2f}"
+          f"  err {p['num_failed']}", flush=True)
+
+
+def bench_all(ctx: Context, systems: list[System]) -> list[dict]:
+    points = []
+    for round_index in range(ctx.plan.rounds):
+        for workload in ctx.plan.workloads:
+            print(f"# round {round_index}, {workload}: {WORKLOADS[workload].describe()}",
+                  flush=True)
+            closed = []
+            for c in ctx.plan.concurrencies:
+                for system in systems:
+                    closed.append(run_point(ctx, system, workload, round_index, concurrency=c))
+            points += closed
+            if ctx.plan.open_fraction is None:
+                continue
+            for system in systems:
+                best = max((p.get("rps", 0.0) for p in closed if p["system"] == system.name),
+                           default=0.0)
+                if system.open_loop and best > 0:
+                    points.append(run_point(
+                        ctx, system, workload, round_index, rate=best * ctx.plan.open_fraction,
+                        fraction=ctx.plan.open_fraction,
+                    ))
     return points
 
 
-# --- the report ----------------------------------------------------------------------------
+# --- same model, same tokens -------------------------------------------------------------------
 
 
-def _closed(points, server, c) -> Point | None:
-    for p in points:
-        if p.server == server and p.result.mode == "closed" and p.result.concurrency == c:
-            return p
-    return None
+def parity(ctx: Context, systems: list[System]) -> dict[str, str]:
+    """Requests 0..7 of 'uniform-mixed' (greedy and sampled ones) from every server, against
+    gruserve: the Triton peers share gruserve's sampler and must match every request; naive
+    samples with torch's RNG, so only its greedy requests can match. Lengths must all be
+    the requested ones (the <eos> bias)."""
+    from workloads import RequestSequence
 
+    from gruserve.runtime.loadtest import read_entities
 
-def _rows_per_step(r: LoadTestResult) -> str:
-    m = r.server_metrics or {}
-    steps = m.get("gruserve_step_batch_size_count")
-    return f"{m.get('gruserve_step_batch_size_sum', 0) / steps:.1f}" if steps else "-"
-
-
-def _cpu(p: Point) -> str:
-    c = p.cpu
-    return "-" if c is None else f"{c['server']:.2f} / {c['harness']:.2f} / {c['others']:.2f}"
-
-
-def _per_core(p: Point | None) -> float | None:
-    """tokens/s per core the server actually got: steadier than raw tokens/s when other
-    processes take a varying share of the machine."""
-    if p is None or not p.cpu or p.cpu["server"] < 0.05:
-        return None
-    return p.result.tokens_per_s / p.cpu["server"]
-
-
-def _others(*points: Point) -> str:
-    values = [p.cpu["others"] for p in points if p.cpu]
-    return f"; other processes used {', '.join(f'{v:.2f}' for v in values)} cores" if values else ""
-
-
-def _interference(points: list[Point]) -> str:
-    values = [p.cpu["others"] for p in points if p.cpu]
-    if not values:
-        return ""
-    return (
-        f"; in this run other processes used {min(values):.2f} to {max(values):.2f} cores "
-        f"(mean {sum(values) / len(values):.2f}) of the {os.cpu_count()}"
-    )
-
-
-def _ms(s, attr: str) -> str:
-    return "-" if s is None else f"{getattr(s, attr):.1f}"
-
-
-def goals(points: list[Point]) -> list[tuple[str, str, str, str]]:
-    """(goal, target, measured, verdict) rows."""
-    rows = []
-    naive, fast = _closed(points, "naive", 64), _closed(points, "gruserve", 64)
-    if naive and fast and naive.result.tokens_per_s:
-        a, b = fast.result.tokens_per_s, naive.result.tokens_per_s
-        fa, fb = _per_core(fast), _per_core(naive)
-        per_core = f" (per server core: {fa / fb:.1f}x)" if fa and fb else ""
-        rows.append((
-            "gruserve tokens/s at concurrency 64 vs naive", ">= 25x",
-            f"{a:.0f} / {b:.0f} = {a / b:.1f}x{per_core}{_others(fast, naive)}",
-            "met" if a / b >= 25 else "MISSED",
-        ))
-    for server in ("gruserve", "gruserve-1"):
-        one = _closed(points, server, 1)
-        r = one.result if one else None
-        if r and r.latency and r.server_total:
-            gap = r.latency.p50_ms - r.server_total.p50_ms
-            rows.append((
-                f"{server}: p50 latency at concurrency 1 vs the engine's own time "
-                "(server-reported total_ms p50)", "<= +2 ms",
-                f"{r.latency.p50_ms:.2f} - {r.server_total.p50_ms:.2f} = {gap:+.2f} ms"
-                f"{_others(one)}",
-                "met" if gap <= 2.0 else "MISSED",
-            ))
-    for p in points:
-        r = p.result
-        if p.server == "gruserve" and p.fraction == 0.8 and r.latency:
-            ratio = r.latency.p99_ms / r.latency.p50_ms
-            kept_up = r.throughput_rps / (r.scheduled_rps or r.offered_rps)
-            # past saturation everything queues and p99/p50 shrinks again: only a point the
-            # server kept up with (achieved ~ offered) says anything about tail latency
-            ok = ratio <= 3.0 and r.num_failed == 0 and kept_up >= 0.95
-            rows.append((
-                "gruserve open loop at 80% of its saturating rate",
-                "p99 <= 3x p50, 0 errors (and achieved >= 95% of the scheduled arrivals)",
-                f"p50 {r.latency.p50_ms:.1f} ms, p99 {r.latency.p99_ms:.1f} ms "
-                f"({ratio:.2f}x), {r.num_failed} errors, achieved {kept_up:.0%} of scheduled"
-                f"{_others(p)}",
-                "met" if ok else "MISSED",
-            ))
-    return rows
-
-
-def render(points: list[Point], plan: Plan, meta: dict) -> str:
-    order = list(dict.fromkeys(p.server for p in points))
-    points = sorted(points, key=lambda p: order.index(p.server))  # stable: keeps load order
-    out = [
-        "# Serving benchmark: gruserve vs a naive PyTorch-eager server",
-        "",
-        f"- command: `{meta['command']}`",
-        f"- machine: {meta['cpu']} ({meta['cores']} cores), {meta['platform']}",
-        f"- date: {meta['date']}",
-        f"- software: Python {meta['python']}, torch {meta['torch']}, "
-        f"onnxruntime {meta['onnxruntime']}, grpcio {meta['grpcio']}",
-        f"- model: untrained NRT, vocab {REFERENCE['ntoken']}, emb {REFERENCE['emsize']}, "
-        f"hidden {REFERENCE['hidden_size']}; greedy, {NUM_TOKENS} tokens per request "
-        f"({meta['lengths']}); (user, item) pairs drawn uniformly from the bundle's entities",
-        f"- each point: {plan.warmup_s:g} s warm-up (excluded), {plan.duration_s:g} s measured; "
-        "unary Generate; latency is end to end at the client, from the scheduled send time in "
-        "open loop",
-        "- the servers run as subprocesses, all started first and measured in turn, point by "
-        f"point (interleaved); device `{meta['device']}`; the harness runs in the benchmark "
-        "process on the SAME cores, so its CPU (gRPC client, asyncio) is taken from the server's",
-        f"- same model, same tokens: naive and gruserve agree on {meta['parity']} sampled pairs",
-        "- cpu = cores used during the point by the server / the harness / every other process "
-        "on the machine (from /proc; other people's jobs on a shared machine are noise that the "
-        "figures carry)" + _interference(points),
-        "",
-        "## Closed loop",
-        "",
-        "| server | concurrency | req/s | tokens/s | p50 ms | p99 ms | errors | rows/step "
-        "| tokens/s vs naive | tokens/s per server core (vs naive) | cpu |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for p in points:
-        r = p.result
-        if r.mode != "closed":
+    users, items = read_entities(ctx.args.bundle)
+    specs = [RequestSequence(WORKLOADS["uniform-mixed"], users, items, ctx.args.seed).spec(i)
+             for i in range(PARITY_COUNT)]
+    tokens = {}
+    for system in systems:  # every server once; gruserve's three APIs decode alike
+        name = "gruserve" if system.server == "gruserve" else system.name
+        if system.server == "raw" or name in tokens:
             continue
-        naive = _closed(points, "naive", r.concurrency)
-        naive_tps = naive.result.tokens_per_s if naive else 0.0
-        vs = f"{r.tokens_per_s / naive_tps:.1f}x" if naive_tps else "-"
-        mine, theirs = _per_core(p), _per_core(naive)
-        core = "-" if mine is None else f"{mine:.0f}"
-        if mine and theirs:
-            core += f" ({mine / theirs:.1f}x)"
-        out.append(
-            f"| {p.server} | {r.concurrency} | {r.throughput_rps:.1f} | {r.tokens_per_s:.0f} | "
-            f"{_ms(r.latency, 'p50_ms')} | {_ms(r.latency, 'p99_ms')} | {r.num_failed} | "
-            f"{_rows_per_step(r)} | {vs} | {core} | {_cpu(p)} |"
-        )
-    out += [
-        "",
-        "## Open loop (Poisson arrivals; rates are fractions of each server's best closed-loop "
-        "throughput)",
-        "",
-        "| server | offered req/s | scheduled req/s | achieved req/s | tokens/s | p50 ms "
-        "| p99 ms | p99/p50 | errors | rows/step | cpu |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for p in points:
-        r = p.result
-        if r.mode != "open":
-            continue
-        ratio = f"{r.latency.p99_ms / r.latency.p50_ms:.2f}" if r.latency else "-"
-        errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
-        out.append(
-            f"| {p.server} | {r.offered_rps:.1f} ({p.fraction:.0%}) | {r.scheduled_rps or 0:.1f} | "
-            f"{r.throughput_rps:.1f} | "
-            f"{r.tokens_per_s:.0f} | {_ms(r.latency, 'p50_ms')} | {_ms(r.latency, 'p99_ms')} | "
-            f"{ratio} | {errors} | {_rows_per_step(r)} | {_cpu(p)} |"
-        )
-    out += ["", "## Goals", "", "| goal | target | measured | verdict |", "|---|---|---|---|"]
-    out += [f"| {g} | {t} | {m} | {v} |" for g, t, m, v in goals(points)]
-    out.append("")
-    return "\n".join(out)
+        server = ctx.servers[system.server]
+        cmd = {"cmd": "tokens", "system": system.server, "target": server.address,
+               "model": system.model, "workload": "uniform-mixed", "seed": ctx.args.seed,
+               "count": PARITY_COUNT}
+        tokens[name] = ctx.worker_for(system).ask(cmd, timeout_s=300)["tokens"]
+    out = {}
+    for name, got in tokens.items():
+        lengths_ok = sum(len(t) == s.max_tokens for t, s in zip(got, specs, strict=True))
+        text = f"lengths {lengths_ok}/{len(specs)} as requested"
+        reference = tokens.get("gruserve")
+        if reference is not None and name != "gruserve":
+            pairs = [(a, b) for a, b, s in zip(got, reference, specs, strict=True)
+                     if name != "naive" or not s.sample]
+            same = sum(a == b for a, b in pairs)
+            kind = "greedy requests" if name == "naive" else "requests (greedy and sampled)"
+            text += f"; same tokens as gruserve on {same}/{len(pairs)} {kind}"
+        out[name] = text
+    return out
 
 
-def machine_meta(args) -> dict:
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _versions(args, servers: set[str]) -> dict[str, str]:
     import grpc
     import onnxruntime
     import torch
 
-    cpu = cpu_model()
-    return {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        "cpu": cpu, "cores": os.cpu_count(),
-        "platform": f"{platform.system()} {platform.release()}",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__, "grpcio": grpc.__version__,
-        "device": args.device,
-    }
+    out = {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+           "torch": torch.__version__, "grpcio": grpc.__version__}
+    if "triton" in servers:
+        code = ("import importlib.metadata as m; print(m.version('nvidia-pytriton'), "
+                "m.version('tritonclient'))")
+        text = subprocess.run([args.triton_python, "-c", code], capture_output=True,
+                              text=True, check=True).stdout.split()
+        out["nvidia-pytriton"], out["tritonclient"] = text
+    return out
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan, list[System]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog="systems: " + ", ".join(SYSTEMS)
+        + "; workloads: " + ", ".join(WORKLOADS))
+    parser.add_argument("--quick", action="store_true",
+                        help="a short check: 2 workloads, c = 1 and 64, 0.5 + 2 s points")
+    parser.add_argument("--list", action="store_true", help="print the plan and exit")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    parser.add_argument("--workloads", help="comma-separated subset (default: the plan's)")
+    parser.add_argument("--concurrency", help="comma-separated, e.g. 1,64 (default: the plan's)")
+    parser.add_argument("--rounds", type=int, help="repeat the grid; medians are reported")
+    parser.add_argument("--warmup", type=float, help="seconds per point, excluded")
+    parser.add_argument("--duration", type=float, help="measured seconds per point")
+    parser.add_argument("--open-fraction", type=float,
+                        help="open-loop rate as a fraction of the best closed-loop rate "
+                        "(default 0.8; 0: no open loop)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="gruserve-batch: most requests per GenerateBatch call (default 16)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="every server's ORT intra-op / torch threads (0 = one per core)")
+    parser.add_argument("--triton-python", default=str(ROOT / ".venv-triton" / "bin" / "python"),
+                        help="the Triton environment's interpreter (default .venv-triton)")
+    parser.add_argument("--triton-queue-delay-us", type=int, default=0,
+                        help="Triton dynamic batcher's max_queue_delay_microseconds (default 0)")
+    parser.add_argument("--triton-instances", type=int, default=1,
+                        help="Triton model instances per model (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="workload and arrival seed")
+    parser.add_argument("--timeout", type=float, default=120.0, help="per-request deadline, s")
+    parser.add_argument("--num-entities", type=int, default=2000, help="users and items each")
+    parser.add_argument("--json-out", help="default bench/results/serve.json "
+                        "(--quick: serve-quick.json, so a check never replaces a recorded run)")
+    parser.add_argument("--md-out", help="default bench/results/serve.md (--quick: serve-quick.md)")
+    parser.add_argument("--keep", action="store_true", help="keep the model and the logs")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    stem = "serve-quick" if args.quick else "serve"
+    args.json_out = args.json_out or str(HERE / "results" / f"{stem}.json")
+    args.md_out = args.md_out or str(HERE / "results" / f"{stem}.md")
+    try:
+        systems = [SYSTEMS[s] for s in _names(args.systems)]
+        changes = {}
+        if args.workloads:
+            changes["workloads"] = tuple(_check(_names(args.workloads), WORKLOADS, "--workloads"))
+        if args.concurrency:
+            changes["concurrencies"] = tuple(int(c) for c in _names(args.concurrency))
+            if min(changes["concurrencies"]) < 1 or max(changes["concurrencies"]) > 256:
+                raise ValueError("--concurrency: each in 1..256 (256 slots everywhere)")
+    except KeyError as exc:
+        parser.error(f"--systems: unknown system {exc}; known: {', '.join(SYSTEMS)}")
+    except ValueError as exc:
+        parser.error(str(exc))
+    for name, field, check in (("rounds", "rounds", lambda v: v >= 1),
+                               ("warmup", "warmup_s", lambda v: v >= 0),
+                               ("duration", "duration_s", lambda v: v > 0)):
+        value = getattr(args, name)
+        if value is not None:
+            if not check(value):
+                parser.error(f"--{name}: out of range")
+            changes[field] = value
+    if args.open_fraction is not None:
+        if not 0 <= args.open_fraction <= 2:
+            parser.error("--open-fraction: in 0..2")
+        changes["open_fraction"] = args.open_fraction or None
+    if args.batch_size < 1 or args.triton_instances < 1:
+        parser.error("--batch-size and --triton-instances: must be >= 1")
+    if any(s.server == "triton" for s in systems) and not args.list and not Path(
+        args.triton_python
+    ).exists():
+        parser.error(f"the Triton systems need the Triton environment ({args.triton_python} is "
+                     "missing): run `make bench-env`, pass --triton-python, or leave "
+                     "triton-plain,triton-compact out of --systems")
+    return args, replace(plan, **changes), systems
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _check(names: list[str], known: dict, flag: str) -> list[str]:
+    for name in names:
+        if name not in known:
+            raise ValueError(f"{flag}: unknown {name!r}; known: {', '.join(known)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="~2-minute smoke run")
-    parser.add_argument("--out", default=str(HERE / "results" / "serve.md"))
-    parser.add_argument("--json", help="also write every result as JSON here")
-    parser.add_argument("--device", default="cpu", help="gruserve --device (default cpu)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="server threads: ORT intra-op / torch (0 = one per core)")
-    parser.add_argument("--servers", default="naive,gruserve-1,gruserve",
-                        help="comma-separated subset to run")
-    parser.add_argument("--num-entities", type=int, default=1000, help="users and items each")
-    parser.add_argument("--timeout", type=float, default=120.0, help="per-RPC deadline, s")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary model dir")
-    parser.add_argument("--min-tokens", action="store_true",
-                        help="also send min_tokens = max_tokens (every step then runs the TopK "
-                        "graph); by default the model's <eos> bias alone fixes the length")
-    args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
-    meta = machine_meta(args)
-    meta["lengths"] = (
-        f"min_tokens = max_tokens = {NUM_TOKENS}" if args.min_tokens
-        else f"max_tokens = {NUM_TOKENS}, <eos> bias -1e4 (no early stop)"
-    )
-    work = Path(tempfile.mkdtemp(prefix="gruserve-bench-"))
+    args, plan, systems = parse_args(argv)
+    print(f"machine: {machine_line()}", flush=True)
+    print(f"plan: {len(plan.workloads)} workloads x concurrency {plan.concurrencies} x "
+          f"{len(systems)} systems, {plan.warmup_s:g} + {plan.duration_s:g} s points, "
+          f"open loop at {plan.open_fraction or 0:.0%}, {plan.rounds} round(s): about "
+          f"{estimate_s(plan, systems) / 60:.0f} minutes", flush=True)
+    if args.list:
+        for w in plan.workloads:
+            print(f"  {w:<17} {WORKLOADS[w].describe()}")
+        return 0
+    servers = {s.server for s in systems}
+    work = Path(tempfile.mkdtemp(prefix="gruserve-serve-bench-"))
     started = time.monotonic()
     try:
         print(f"building the reference model in {work} ...", flush=True)
-        ckpt, bundle = build_reference_model(work, args.num_entities, args.num_entities)
-        users, items = read_entities(bundle)
-        commands = server_commands(ckpt, bundle, args)
-        samples, targets = {}, []
+        model = build_reference_model(work / "model", args.num_entities, args.num_entities)
+        args.bundle = model.bundle
         with contextlib.ExitStack() as stack:
-            # all servers up at once (an idle one costs ~nothing), then interleaved points
-            for name in args.servers.split(","):
-                cmd, metrics_port = commands[name]
-                print(f"{name}: {' '.join(cmd[1:])}", flush=True)
-                address, pid = stack.enter_context(launched(name, cmd, work / f"{name}.log"))
-                samples[name] = sample_tokens(address, users, items)
-                targets.append(Target(name, address, pid, metrics_port))
-            points = bench_all(targets, plan, users, items, args)
-        naive, fast = samples.get("naive", []), samples.get("gruserve", [])
-        agree = [a == b for a, b in zip(naive, fast, strict=False)]
-        meta["parity"] = f"{sum(agree)}/{len(agree)}" if agree else "(not compared)"
-        report = render(points, plan, meta)
-        report += f"\nWall time of this run: {time.monotonic() - started:.0f} s.\n"
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(report)
-        if args.json:
-            data = [{"server": p.server, "fraction": p.fraction, "cpu_cores": p.cpu,
-                     **p.result.to_dict()} for p in points]
-            Path(args.json).write_text(json.dumps({"meta": meta, "points": data}, indent=2))
+            ctx = Context(plan, start_servers(stack, servers, model, work, args),
+                          start_workers(stack, servers, model, work, args), args)
+            checks = parity(ctx, systems)
+            for name, text in checks.items():
+                print(f"  parity {name}: {text}", flush=True)
+            points = bench_all(ctx, systems)
+        meta = {
+            "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)]
+                                            + (argv if argv is not None else sys.argv[1:])),
+            "machine": machine_line(), "isa": isa_flags(), "cores": os.cpu_count(),
+            "platform": f"{platform.system()} {platform.release()}",
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "versions": _versions(args, servers), "model": REFERENCE,
+            "plan": {**plan.__dict__, "batch_size": args.batch_size,
+                     "triton_queue_delay_us": args.triton_queue_delay_us,
+                     "triton_instances": args.triton_instances,
+                     "threads": args.threads or os.cpu_count()},
+            "workloads": {w: WORKLOADS[w].describe() for w in plan.workloads},
+            "parity": checks, "wall_s": round(time.monotonic() - started),
+        }
+        rows = aggregate(points)
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(
+            json.dumps({"meta": meta, "rows": rows, "points": points}, indent=1) + "\n")
+        report = render(meta, rows)
+        Path(args.md_out).write_text(report)
         print(report)
     finally:
         if args.keep:

@@ -15,6 +15,7 @@ from pathlib import Path
 from .cli_args import add_connection_args, add_decoding_args, connection_from_args
 from .loadtest import (
     METRICS,
+    LengthDistribution,
     LoadShape,
     LoadTestConfig,
     LoadTestError,
@@ -38,6 +39,8 @@ examples:
   gruserve loadtest --rate 200 --burst 4 --duration 60 --warmup 5s --stream \\
       --entities bundles/nrt --metrics-url 127.0.0.1:9100 --json run.json
   gruserve loadtest --rate 100 --requests 2000 --fail-if "p99_ms>250,error_rate>0"
+  gruserve loadtest --concurrency 4 --batch-size 16 --lengths geometric:0.15:15 \
+      --entities bundles/nrt
 
 --fail-if metrics:
 """ + "\n".join(f"  {name:<22} {text}" for name, text in METRICS.items())
@@ -73,7 +76,20 @@ def add_loadtest_command(subparsers) -> None:
                    help="seed of the arrival times and the request mix (default %(default)s)")
 
     g = p.add_argument_group("requests")
-    g.add_argument("--stream", action="store_true", help="call GenerateStream instead of Generate")
+    api = g.add_mutually_exclusive_group()
+    api.add_argument("--stream", action="store_true",
+                     help="call GenerateStream instead of Generate")
+    api.add_argument("--batch-size", type=int, metavar="N",
+                     help="call GenerateBatch with N requests per call; --concurrency, --rate, "
+                     "--requests and a warm-up count then count calls, the figures count "
+                     "requests (each with its call's latency) and the call_* figures the calls")
+    g.add_argument("--lengths", metavar="DIST",
+                   help="per-request max_tokens drawn from DIST, seeded by --load-seed: "
+                   "fixed:L, uniform:LO:HI (both included) or geometric:P:CAP (P(L=k) = "
+                   "(1-P)^(k-1) P, draws above CAP become CAP); instead of --max-tokens")
+    g.add_argument("--exact-lengths", action="store_true",
+                   help="with --lengths: also set min_tokens to each length, so that no request "
+                   "stops early at <eos> (those steps then run the sampling graph)")
     mix = g.add_mutually_exclusive_group()
     mix.add_argument("--pairs", help="file of 'user,item' lines, sent in file order, cycled")
     mix.add_argument("--entities",
@@ -110,6 +126,17 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
         rate=args.rate, burst=args.burst, duration_s=duration, num_requests=args.requests,
         warmup=Warmup.parse(args.warmup), max_in_flight=args.max_in_flight, seed=args.load_seed,
     )
+    lengths = LengthDistribution.parse(args.lengths) if args.lengths else None
+    if lengths is not None and args.max_tokens:
+        raise ValueError("--lengths and --max-tokens both set the length: give one")
+    if lengths is not None and args.min_tokens > lengths.low:
+        raise ValueError(
+            f"--min-tokens {args.min_tokens} exceeds the shortest length of --lengths {lengths}"
+        )
+    if args.exact_lengths and lengths is None:
+        raise ValueError("--exact-lengths needs --lengths")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
     pairs = users = items = None
     if args.pairs:
         pairs = read_pairs(args.pairs)
@@ -127,7 +154,8 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
     return LoadTestConfig(
         connection=connection_from_args(args), shape=shape, stream=args.stream,
         decoding=decoding, pairs=pairs, users=users, items=items, timeout_s=args.timeout,
-        metrics_url=args.metrics_url,
+        metrics_url=args.metrics_url, batch_size=args.batch_size, lengths=lengths,
+        exact_lengths=args.exact_lengths,
     )
 
 
@@ -190,10 +218,14 @@ def format_report(r: LoadTestResult) -> str:
         else f"open loop, {r.offered_rps:g} req/s offered"
         + (f" (burst {r.burst:g})" if r.burst != 1.0 else " (Poisson)")
     )
+    api = "streaming" if r.stream else "unary"
+    if r.batch_size:
+        api = f"GenerateBatch, {r.batch_size} requests per call"
     lines = [
         f"gruserve loadtest {r.target} - {model.get('name', '?')} on "
         f"{model.get('provider', '?')}, {model.get('max_slots', '?')} slots",
-        f"load        {load}, {'streaming' if r.stream else 'unary'}, mix {r.mix}",
+        f"load        {load}, {api}, mix {r.mix}"
+        + (f", lengths {r.lengths}" if r.lengths else ""),
         f"window      {r.window_s:.2f} s measured; {r.num_warmup} warm-up requests excluded"
         + (f"; harness CPU {r.harness_cpu_cores:.2f} cores" if r.harness_cpu_cores else ""),
         f"requests    {r.num_sent} sent, {r.num_succeeded} ok, {r.num_failed} failed "
@@ -201,6 +233,8 @@ def format_report(r: LoadTestResult) -> str:
         f"throughput  {r.throughput_rps:.1f} req/s, {r.tokens_per_s:.0f} tokens/s"
         + (f" ({r.num_tokens / r.num_succeeded:.1f} tokens/request)" if r.num_succeeded else ""),
     ]
+    if r.batch_size:
+        lines.append(f"calls       {r.num_calls} sent, {r.calls_per_s or 0:.1f} calls/s")
     if r.mode == "open":
         lines.append(
             f"rate        offered {r.offered_rps:.1f}, scheduled {r.scheduled_rps or 0:.1f}, "
@@ -211,11 +245,13 @@ def format_report(r: LoadTestResult) -> str:
     lines += [
         "",
         f"{'latency (ms)':<22}{'count':>8} {'mean':>9} {'p50':>9} {'p90':>9} {'p99':>9} {'max':>9}",
-        _row("end-to-end", r.latency),
+        _row("end-to-end" + (" (per item)" if r.batch_size else ""), r.latency),
         _row(f"ttft ({r.ttft_source})", r.ttft),
     ]
     if r.stream:
         lines.append(_row("inter-token (stream)", r.itl))
+    if r.batch_size:
+        lines.append(_row("call (GenerateBatch)", r.call_latency))
     lines += [_row("server total", r.server_total), _row("server queue", r.server_queue)]
     if r.mode == "open":
         lines.append(_row("send lag", r.send_lag))

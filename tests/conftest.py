@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -69,3 +70,10 @@ def tiny_bundle(tiny_bundle_dir):
     from gruserve.runtime.bundle import load_bundle
 
     return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="session")
+def entities(synthetic_bundle_dir):
+    """(users, items): the synthetic bundle's external ids."""
+    data = json.loads((synthetic_bundle_dir / "entities.json").read_text())
+    return data["users"], data["items"]

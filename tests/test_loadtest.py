@@ -204,12 +204,6 @@ def server(synthetic_bundle_dir):
         yield s
 
 
-@pytest.fixture(scope="module")
-def entities(synthetic_bundle_dir):
-    data = json.loads((synthetic_bundle_dir / "entities.json").read_text())
-    return data["users"], data["items"]
-
-
 def _config(server, shape, **kw) -> LoadTestConfig:
     kw.setdefault("decoding", dict(max_tokens=5, min_tokens=5))
     return LoadTestConfig(

@@ -11,10 +11,16 @@ Two ways to apply load (see docs/loadtest.md):
   behind - shows in the figures instead of disappearing.
 
 Pure asyncio and the gruserve client; no torch, no numpy in the hot path.
+
+The generator, shapes, lengths and results import without the gRPC client (loaded on first
+use of a name that needs it): bench/ drives other servers with them from an environment
+whose protobuf cannot load gruserve's generated code.
 """
 
+import importlib
+
 from .generator import Caller, LoadGenerator, LoadRun, ProgressSnapshot
-from .mix import GrpcCaller, RequestMix, read_entities, read_pairs
+from .lengths import LengthDistribution, LengthSequence
 from .result import (
     METRICS,
     LoadTestResult,
@@ -23,17 +29,35 @@ from .result import (
     check_thresholds,
     parse_thresholds,
 )
-from .run import LoadTestConfig, LoadTestError, run_loadtest
 from .scrape import metric_deltas, metrics_url, scrape_metrics
 from .shape import LoadShape, Warmup, arrival_gaps, arrival_times
-from .stats import CLIENT_ERROR, OK, RequestRecord, Summary, percentile
+from .stats import CLIENT_ERROR, OK, ItemTiming, RequestRecord, Summary, percentile
+
+# name -> submodule, for the names that need the gRPC client (and so gruserve's protobuf code)
+_NEEDS_GRPC = {
+    **dict.fromkeys(
+        ("GrpcBatchCaller", "GrpcCaller", "RequestMix", "read_entities", "read_pairs"), "mix"
+    ),
+    **dict.fromkeys(("LoadTestConfig", "LoadTestError", "run_loadtest"), "run"),
+}
+
+
+def __getattr__(name: str):
+    if name in _NEEDS_GRPC:
+        return getattr(importlib.import_module(f".{_NEEDS_GRPC[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CLIENT_ERROR",
     "METRICS",
     "OK",
     "Caller",
+    "GrpcBatchCaller",
     "GrpcCaller",
+    "ItemTiming",
+    "LengthDistribution",
+    "LengthSequence",
     "LoadGenerator",
     "LoadRun",
     "LoadShape",

@@ -12,14 +12,17 @@ from pathlib import Path
 import grpc
 
 from ..client import AsyncGruserveClient, build_request
-from .stats import OK, RequestRecord
+from .lengths import LengthDistribution, LengthSequence
+from .stats import OK, ItemTiming, RequestRecord
 
 # --- request mix and the gRPC caller -----------------------------------------------------------
 
 
 class RequestMix:
     """The conditioning of request i: (user, item) pairs from a file (cycled in file order),
-    pairs drawn uniformly from entity lists (seeded), or random raw hidden states."""
+    pairs drawn uniformly from entity lists (seeded), or random raw hidden states; and, with
+    `lengths`, its max_tokens: the i-th draw of the distribution (also its min_tokens when
+    `exact_lengths`, so that no request stops early at <eos>)."""
 
     NUM_STATES = 64  # distinct random states, reused round-robin
 
@@ -33,9 +36,15 @@ class RequestMix:
         state_size: int | None = None,
         seed: int = 0,
         id_prefix: str = "lt",
+        lengths: LengthDistribution | None = None,
+        exact_lengths: bool = False,
     ) -> None:
         self.decoding = dict(decoding)
         self.id_prefix = id_prefix
+        self.lengths = LengthSequence(lengths, seed) if lengths is not None else None
+        self.exact_lengths = exact_lengths
+        if exact_lengths and lengths is None:
+            raise ValueError("exact lengths need a length distribution")
         rng = random.Random(seed)
         if pairs:
             self.kind = "pairs"
@@ -54,11 +63,17 @@ class RequestMix:
 
     def request(self, index: int):
         rid = f"{self.id_prefix}-{index}"
+        decoding = self.decoding
+        if self.lengths is not None:
+            length = self.lengths[index]
+            decoding = {**decoding, "max_tokens": length}
+            if self.exact_lengths:
+                decoding["min_tokens"] = length
         if self.kind == "hidden_state":
             state = self._states[index % len(self._states)]
-            return build_request(hidden_state=state, request_id=rid, **self.decoding)
+            return build_request(hidden_state=state, request_id=rid, **decoding)
         user, item = self._pairs[index % len(self._pairs)]
-        return build_request(user=user, item=item, request_id=rid, **self.decoding)
+        return build_request(user=user, item=item, request_id=rid, **decoding)
 
 
 class GrpcCaller:
@@ -85,6 +100,35 @@ class GrpcCaller:
             record.code = OK
         except grpc.aio.AioRpcError as exc:
             record.code = exc.code().name
+
+
+class GrpcBatchCaller:
+    """Sends one GenerateBatch call of `batch_size` requests: call k carries requests
+    k * batch_size ... k * batch_size + batch_size - 1 of the mix (the same sequence the unary
+    caller sends one by one), and records every item's tokens and server timing."""
+
+    def __init__(self, client: AsyncGruserveClient, mix, *, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.client = client
+        self.mix = mix
+        self.batch_size = batch_size
+
+    async def __call__(self, record: RequestRecord) -> None:
+        first = record.index * self.batch_size
+        requests = [self.mix.request(first + j) for j in range(self.batch_size)]
+        record.num_items = self.batch_size
+        try:
+            reply = await self.client.generate_batch(requests)
+        except grpc.aio.AioRpcError as exc:
+            record.code = exc.code().name
+            return
+        record.num_tokens = sum(len(r.token_ids) for r in reply.responses)
+        record.items = [
+            ItemTiming(r.timing.ttft_ms, r.timing.queue_ms, r.timing.total_ms)
+            for r in reply.responses
+        ]
+        record.code = OK
 
 
 def _take_timing(record: RequestRecord, timing) -> None:

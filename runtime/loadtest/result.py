@@ -21,21 +21,23 @@ _SUMMARIES = {
     "server_": "server-reported total_ms (accepted -> finished)",
     "queue_": "server-reported queue_ms (accepted -> admitted into a decode slot)",
     "send_lag_": "open loop: how late the harness sent after the scheduled time",
+    "call_": "GenerateBatch: latency of whole calls (the end-to-end figures are per item)",
 }
 _STATS = ("p50", "p90", "p99", "max", "mean")
 
 METRICS: dict[str, str] = {
-    "sent": "measured requests sent (warm-up excluded)",
+    "sent": "measured requests sent (warm-up excluded; GenerateBatch: items)",
     "succeeded": "measured requests answered OK",
     "failed": "measured requests that ended with a non-OK status",
     "error_rate": "failed / sent (0..1)",
     "rps": "successful completions per second inside the measured window",
     "tokens_per_s": "tokens of the successful completions inside the measured window, per second",
     "tokens_per_request": "mean tokens per successful response",
-    "offered_rps": "open loop: the rate asked for",
+    "offered_rps": "open loop: the rate asked for (GenerateBatch: calls per second)",
     "scheduled_rps": "open loop: arrivals per second actually scheduled in the measured window",
     "rate_ratio": "open loop: rps / scheduled_rps (below 1: the server did not keep up)",
     "harness_cpu_cores": "CPU the harness itself used while sending, in cores",
+    "calls_per_s": "GenerateBatch: successful calls per second inside the measured window",
     **{f"{p}{s}_ms": f"{s} of the {d}" for p, d in _SUMMARIES.items() for s in _STATS},
 }
 
@@ -68,6 +70,13 @@ class LoadTestResult:
     server_queue: Summary | None
     send_lag: Summary | None
     num_in_flight_waits: int = 0
+    # GenerateBatch: requests per call, calls sent and answered in the window, call latency;
+    # every other count and figure is per item (request)
+    batch_size: int | None = None
+    num_calls: int = 0
+    calls_per_s: float | None = None
+    call_latency: Summary | None = None
+    lengths: str = ""  # the --lengths distribution, if any
     # CPU the harness process used while sending (all threads), in cores: on a small machine
     # this is taken from the server under test
     harness_cpu_cores: float | None = None
@@ -100,11 +109,12 @@ class LoadTestResult:
             "offered_rps": self.offered_rps, "scheduled_rps": self.scheduled_rps,
             "rate_ratio": self.rate_ratio,
             "harness_cpu_cores": self.harness_cpu_cores,
+            "calls_per_s": self.calls_per_s,
         }
         for prefix, summary in (
             ("", self.latency), ("ttft_", self.ttft), ("itl_", self.itl),
             ("server_", self.server_total), ("queue_", self.server_queue),
-            ("send_lag_", self.send_lag),
+            ("send_lag_", self.send_lag), ("call_", self.call_latency),
         ):
             for stat in _STATS:
                 out[f"{prefix}{stat}_ms"] = (
@@ -126,11 +136,18 @@ def build_result(
     *,
     target: str = "",
     stream: bool = False,
+    batch_size: int | None = None,
     **extra,
 ) -> LoadTestResult:
+    """Figures per request; a GenerateBatch call counts as its items (each with the call's
+    latency, as its caller waits for the whole call), and its own figures are the call_*."""
     measured = run.measured
     ok = [r for r in measured if r.ok]
-    errors = dict(sorted(Counter(r.code for r in measured if not r.ok).items()))
+    errors: Counter = Counter()
+    for r in measured:
+        if not r.ok:
+            errors[r.code] += r.num_items
+    errors = dict(sorted(errors.items()))
     # Latency covers the requests started after the warm-up; throughput counts what the
     # server completed inside the measured window, whichever phase sent it. (Counting only
     # measured requests would charge the window with the warm-up requests still being served
@@ -143,6 +160,8 @@ def build_result(
     window = max(end - start, 1e-9)
     done_in_window = [r for r in run.records if r.ok and start < r.done_s <= end]
     num_tokens = sum(r.num_tokens for r in ok)
+    num_sent = sum(r.num_items for r in measured)
+    num_ok = sum(r.num_items for r in ok)
     if stream:
         ttft = Summary.of([(r.chunk_s[0] - r.start_s) * 1e3 for r in ok if r.chunk_s])
         gaps = [
@@ -150,31 +169,47 @@ def build_result(
         ]
         itl = Summary.of(gaps)
     else:
-        ttft = Summary.of([r.server_ttft_ms for r in ok if r.server_ttft_ms is not None])
+        ttft = Summary.of(_server_ms(ok, "ttft_ms"))
         itl = None
     scheduled = None
     if shape.mode == "open" and run.arrival_span_s:
-        scheduled = len(measured) / run.arrival_span_s
+        scheduled = num_sent / run.arrival_span_s  # requests (items), like throughput_rps
     return LoadTestResult(
         target=target, mode=shape.mode, stream=stream, concurrency=shape.concurrency,
         offered_rps=shape.rate, burst=shape.burst if shape.mode == "open" else None,
-        window_s=window, num_sent=len(measured), num_succeeded=len(ok),
-        num_failed=len(measured) - len(ok), errors=errors,
-        num_warmup=len(run.records) - len(measured), num_tokens=num_tokens,
-        throughput_rps=len(done_in_window) / window,
+        window_s=window, num_sent=num_sent, num_succeeded=num_ok,
+        num_failed=num_sent - num_ok, errors=errors,
+        num_warmup=sum(r.num_items for r in run.records) - num_sent, num_tokens=num_tokens,
+        throughput_rps=sum(r.num_items for r in done_in_window) / window,
         tokens_per_s=sum(r.num_tokens for r in done_in_window) / window,
         scheduled_rps=scheduled,
-        latency=Summary.of([(r.done_s - r.start_s) * 1e3 for r in ok]),
+        latency=Summary.of([(r.done_s - r.start_s) * 1e3 for r in ok for _ in range(r.num_items)]),
         ttft=ttft, ttft_source="client" if stream else "server", itl=itl,
-        server_total=Summary.of([r.server_total_ms for r in ok if r.server_total_ms is not None]),
-        server_queue=Summary.of([r.server_queue_ms for r in ok if r.server_queue_ms is not None]),
+        server_total=Summary.of(_server_ms(ok, "total_ms")),
+        server_queue=Summary.of(_server_ms(ok, "queue_ms")),
         send_lag=(
             Summary.of([(r.sent_s - r.scheduled_s) * 1e3 for r in measured])
             if shape.mode == "open" else None
         ),
         num_in_flight_waits=run.num_in_flight_waits,
+        batch_size=batch_size,
+        num_calls=len(measured) if batch_size else 0,
+        calls_per_s=len(done_in_window) / window if batch_size else None,
+        call_latency=Summary.of([(r.done_s - r.start_s) * 1e3 for r in ok]) if batch_size else None,
         **extra,
     )
+
+
+def _server_ms(records, name: str) -> list[float]:
+    """A server timing (`ttft_ms`, `queue_ms`, `total_ms`) of every request: the item timings
+    of GenerateBatch calls, the record's own otherwise (where the server sent one)."""
+    values = []
+    for r in records:
+        if r.items:
+            values.extend(getattr(item, name) for item in r.items)
+        elif (value := getattr(r, f"server_{name}")) is not None:
+            values.append(value)
+    return values
 
 
 # --- thresholds --------------------------------------------------------------------------------

@@ -14,9 +14,19 @@ CLIENT_ERROR = "CLIENT_ERROR"
 # --- one request -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ItemTiming:
+    """The server's timing of one item of a GenerateBatch call (milliseconds)."""
+
+    ttft_ms: float
+    queue_ms: float
+    total_ms: float
+
+
 @dataclass(slots=True, eq=False)
 class RequestRecord:
-    """What happened to one request; times are time.monotonic() seconds."""
+    """What happened to one request - or one GenerateBatch call of `num_items` requests,
+    which succeed or fail together; times are time.monotonic() seconds."""
 
     index: int
     warmup: bool
@@ -29,6 +39,8 @@ class RequestRecord:
     server_ttft_ms: float | None = None
     server_queue_ms: float | None = None
     server_total_ms: float | None = None
+    num_items: int = 1  # GenerateBatch: requests in the call; num_tokens is their sum
+    items: list[ItemTiming] = field(default_factory=list)  # GenerateBatch: one per item
 
     @property
     def start_s(self) -> float:
