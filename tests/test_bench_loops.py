@@ -28,7 +28,7 @@ from workloads import WORKLOADS, RequestSequence  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def small_top_k():
-    """The synthetic bundle exports 16 candidates; the benchmark's top_k 40 needs the reference 64."""
+    """The test bundle exports 16 candidates; the benchmark's top_k 40 needs the reference 64."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(workloads.SAMPLING, "top_k", 8)
         yield
@@ -41,8 +41,10 @@ def runner(synthetic_bundle):
 
 @pytest.fixture(scope="module")
 def requests(synthetic_bundle):
-    return [RequestSequence(WORKLOADS["uniform-mixed"], synthetic_bundle.users, synthetic_bundle.items,
-                            seed=5).spec(i) for i in range(12)]
+    sequence = RequestSequence(
+        WORKLOADS["uniform-mixed"], synthetic_bundle.users, synthetic_bundle.items, seed=5
+    )
+    return [sequence.spec(i) for i in range(12)]
 
 
 @pytest.fixture(scope="module")
