@@ -121,6 +121,14 @@ class SchedulerConfig:
     )
     max_stop_tokens: int = setting(16, "most stop_token_ids one request may give", minimum=0)
     max_beams: int = setting(8, "largest num_beams a beam request may ask", minimum=1)
+    # TopK(K) over the vocabulary costs ~13% of a step on CPU; a second graph run costs a
+    # fixed launch. So greedy rows run apart when enough of them share a step with rows
+    # that need candidates (sampling, beams, log-probs, min_tokens not yet reached)
+    split_min_greedy_rows: int = setting(
+        8, "greedy rows that run the cheap ArgMax graph apart from rows needing TopK "
+        "candidates in the same step (fewer: the whole step runs the TopK graph; 0 = never)",
+        minimum=0,
+    )
 
     def __post_init__(self) -> None:
         _check_bounds(self)
@@ -147,6 +155,16 @@ class ServiceConfig:
     max_message_bytes: int = setting(
         4 * MiB, "largest request or response message in bytes (bigger: RESOURCE_EXHAUSTED)",
         minimum=1024,
+    )
+
+    # a stream message costs the server ~50 us of CPU whatever it carries: after the first
+    # chunk (never held), tokens are gathered for up to this long, or until enough wait
+    stream_hold_ms: float = setting(
+        20.0, "after a stream's first chunk, hold later chunks up to this many ms to send "
+        "more tokens per message (0: a message per decode step)", minimum=0, maximum=10_000,
+    )
+    stream_chunk_tokens: int = setting(
+        8, "send a held stream chunk at once when this many tokens wait", minimum=1
     )
 
     def __post_init__(self) -> None:

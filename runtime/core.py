@@ -72,7 +72,10 @@ class EngineCore:
         out = None
         if plan.step is not None:
             s = plan.step
-            out = self.runner.step(s.read_slots, s.write_slots, s.tokens, want_topk=s.want_topk)
+            out = self.runner.step(
+                s.read_slots, s.write_slots, s.tokens, want_topk=s.want_topk,
+                topk_rows=s.topk_rows,
+            )
         outputs = self.scheduler.update(plan, ratings, out)
         return StepResult(outputs, self._stats(plan, outputs, time.perf_counter() - t0), plan)
 

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 
 from .core import EngineCore
 from .errors import EngineDeadError, InvalidRequestError, QueueFullError, RequestAbortedError
@@ -72,6 +73,40 @@ class RequestHandle:
             await self._event.wait()
         pending, self._pending = self._pending, []
         return _merge(pending)
+
+    async def chunks(
+        self, *, hold_s: float = 0.0, enough_tokens: int = 1
+    ) -> AsyncIterator[RequestOutput]:
+        """The deltas of a stream, coalesced into fewer messages: the first as soon as it
+        exists; each later one once `enough_tokens` new tokens wait or `hold_s` has passed
+        since the previous one, whichever comes first; the final one at once. hold_s = 0
+        gives every delta as it comes (what iterating the handle does)."""
+        loop = asyncio.get_running_loop()
+        sent_at = None
+        while True:
+            if sent_at is not None and hold_s > 0:
+                await self._gather(loop, sent_at + hold_s, enough_tokens)
+            try:
+                delta = await self.__anext__()
+            except StopAsyncIteration:
+                return
+            yield delta
+            sent_at = loop.time()
+
+    async def _gather(self, loop, deadline: float, enough_tokens: int) -> None:
+        """Waits until the deadline, or until enough tokens, the end or an error arrived."""
+        while self._error is None and self.final is None:
+            if sum(len(o.new_token_ids) for o in self._pending) >= enough_tokens:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._event.clear()
+            timer = loop.call_later(remaining, self._event.set)
+            try:
+                await self._event.wait()
+            finally:
+                timer.cancel()
 
     async def result(self) -> RequestOutput:
         while self.final is None:

@@ -17,8 +17,25 @@ import numpy as np
 @dataclass(frozen=True)
 class StepOutput:
     next_tokens: np.ndarray  # (B,) int64, the greedy choice
-    topk_logprobs: np.ndarray | None = None  # (B, K) float32, sampling graph only
+    topk_logprobs: np.ndarray | None = None  # (B, K) float32 (or (n, K), see topk_rows)
     topk_ids: np.ndarray | None = None  # (B, K) int64
+    # None: the candidates (if any) are every row's; else a (B,) bool mask of the rows whose
+    # candidates they are, in row order (a split step, see split_step)
+    topk_rows: np.ndarray | None = None
+
+
+def split_step(run, read_slots, write_slots, tokens, topk_rows) -> StepOutput:
+    """One decode step run as two graph runs, `run(read, write, tokens, want_topk)`: the rows
+    in `topk_rows` on the sampling graph, the others on the cheaper greedy (ArgMax) graph.
+    The two row sets belong to different requests, so neither run reads a slot the other
+    writes."""
+    greedy = ~topk_rows
+    cheap = run(read_slots[greedy], write_slots[greedy], tokens[greedy], False)
+    rich = run(read_slots[topk_rows], write_slots[topk_rows], tokens[topk_rows], True)
+    next_tokens = np.empty(len(tokens), np.int64)
+    next_tokens[greedy] = cheap.next_tokens
+    next_tokens[topk_rows] = rich.next_tokens
+    return StepOutput(next_tokens, rich.topk_logprobs, rich.topk_ids, topk_rows=topk_rows)
 
 
 @runtime_checkable
@@ -47,6 +64,9 @@ class ModelRunner(Protocol):
         write_slots: np.ndarray,
         tokens: np.ndarray,
         want_topk: bool = False,
+        topk_rows: np.ndarray | None = None,
     ) -> StepOutput:
         """One decode step for B rows: each row's state from read_slots[i], fed tokens[i],
-        its new state into write_slots[i]; TopK candidates only when want_topk."""
+        its new state into write_slots[i]; TopK candidates only when want_topk, and then
+        only for the rows of the `topk_rows` mask when one is given (split_step does that
+        for any runner)."""

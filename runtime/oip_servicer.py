@@ -172,7 +172,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
 
         async def follow(row: int, handle: RequestHandle) -> None:
             try:
-                async for delta in handle:
+                async for delta in handle.chunks(**self.stream_flush):
                     deltas.put_nowait((row, delta))
             except Exception as exc:  # noqa: BLE001 - handed to the gathering side below
                 deltas.put_nowait((row, exc))

@@ -112,6 +112,10 @@ class ServicerBase:
         self.metrics = metrics
         self.on_engine_dead = on_engine_dead
         self.service = service
+        # how streams coalesce tokens into messages (RequestHandle.chunks)
+        self.stream_flush = dict(
+            hold_s=service.stream_hold_ms / 1e3, enough_tokens=service.stream_chunk_tokens
+        )
 
     @contextlib.asynccontextmanager
     async def _guard(

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import ENCODER, STATE_WRITER, STEP_GREEDY, STEP_TOPK, Bundle, BundleError, GraphSpec
-from .model_runner import StepOutput
+from .model_runner import StepOutput, split_step
 from .providers import CUDA, SessionConfig, check_provider, session_options, wanted_providers
 from .step_buckets import BucketedStep
 
@@ -207,8 +207,15 @@ class StepRunner:
         write_slots: np.ndarray,
         tokens: np.ndarray,
         want_topk: bool = False,
+        topk_rows: np.ndarray | None = None,
     ) -> StepOutput:
-        """One decode step for B rows: state from read_slots, new state into write_slots."""
+        """One decode step for B rows: state from read_slots, new state into write_slots;
+        with `topk_rows`, only those rows run the sampling graph (see split_step)."""
+        if topk_rows is not None:
+            return split_step(self._run_step, read_slots, write_slots, tokens, topk_rows)
+        return self._run_step(read_slots, write_slots, tokens, want_topk)
+
+    def _run_step(self, read_slots, write_slots, tokens, want_topk: bool) -> StepOutput:
         inputs = {
             "read_slots": _i64(read_slots),
             "write_slots": _i64(write_slots),

@@ -42,6 +42,9 @@ class StepBatch:
     write_slots: np.ndarray  # (B,) where it goes; differs from read_slots for reordered beams
     tokens: np.ndarray  # (B,) the token each row feeds
     want_topk: bool  # some row samples, searches beams, wants log-probs or suppresses <eos>
+    # when only some rows want candidates and enough others do not: those rows (a mask) run
+    # the sampling graph and the rest the greedy one (SchedulerConfig.split_min_greedy_rows)
+    topk_rows: np.ndarray | None = None
 
 
 @dataclass
@@ -160,12 +163,19 @@ class Scheduler:
         t = self.slots
         rows = t.live_rows()
         if rows.size:
-            want_topk = bool(
-                (t.mode[rows] != GREEDY).any()
-                or t.wants_logprobs[rows].any()
-                or (t.num_generated[rows] < t.min_tokens[rows]).any()
+            needs = (
+                (t.mode[rows] != GREEDY)
+                | t.wants_logprobs[rows]
+                | (t.num_generated[rows] < t.min_tokens[rows])
             )
-            plan.step = StepBatch(t.read_slot[rows], rows, t.next_token[rows], want_topk)
+            num_needs = int(np.count_nonzero(needs))
+            split = self.config.split_min_greedy_rows
+            topk_rows = None
+            if 0 < num_needs and split and rows.size - num_needs >= split:
+                topk_rows = needs
+            plan.step = StepBatch(
+                t.read_slot[rows], rows, t.next_token[rows], num_needs > 0, topk_rows
+            )
         return plan
 
     def _apply_aborts(self, plan: StepPlan) -> None:
@@ -264,24 +274,35 @@ class Scheduler:
             raise ValueError("a planned step needs the runner's output")
         now = self._clock()
         rows = plan.step.write_slots
+        t = out.topk_rows
+        if t is None:
+            outputs.extend(
+                self._advance(rows, out.next_tokens, out.topk_logprobs, out.topk_ids, now)
+            )
+        else:  # a split step: greedy rows first, then those with candidates
+            outputs.extend(self._advance(rows[~t], out.next_tokens[~t], None, None, now))
+            outputs.extend(
+                self._advance(rows[t], out.next_tokens[t], out.topk_logprobs, out.topk_ids, now)
+            )
+        return outputs
+
+    def _advance(self, rows, next_tokens, topk_logprobs, topk_ids, now) -> list[RequestOutput]:
+        """Applies one graph run's results to its rows (flat requests and beams)."""
         beam = self.slots.mode[rows] == BEAM_LIVE
         if not beam.any():
-            outputs.extend(
-                self._advance_flat(rows, out.next_tokens, out.topk_logprobs, out.topk_ids, now)
-            )
-            return outputs
-        if out.topk_logprobs is None or out.topk_ids is None:
+            return self._advance_flat(rows, next_tokens, topk_logprobs, topk_ids, now)
+        if topk_logprobs is None or topk_ids is None:
             raise ValueError("beam rows need the TopK candidates")
+        outputs = []
         flat = ~beam
         if flat.any():
             outputs.extend(
                 self._advance_flat(
-                    rows[flat], out.next_tokens[flat], out.topk_logprobs[flat],
-                    out.topk_ids[flat], now,
+                    rows[flat], next_tokens[flat], topk_logprobs[flat], topk_ids[flat], now
                 )
             )
         outputs.extend(
-            self._advance_beams(rows[beam], out.topk_logprobs[beam], out.topk_ids[beam], now)
+            self._advance_beams(rows[beam], topk_logprobs[beam], topk_ids[beam], now)
         )
         return outputs
 

@@ -45,9 +45,9 @@ class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
         async with self._guard("GenerateStream", context) as scope:
             handle = self._submit(scope, self._prepare(scope, request, stream=True))
             first = True
-            # each iteration takes everything produced since the last write: a slow reader
-            # gets bigger chunks instead of a growing backlog of one-token messages
-            async for delta in handle:
+            # each chunk takes everything produced since the last write: a slow reader gets
+            # bigger chunks instead of a growing backlog of one-token messages
+            async for delta in handle.chunks(**self.stream_flush):
                 if delta.finished:
                     self._finished(delta)
                 await context.write(convert.stream_response(delta, scope.engine.info, first=first))

@@ -128,11 +128,14 @@ async def one_at_a_time(engine, info, requests):
     return results
 
 
-def test_each_request_is_the_same_alone_and_in_a_busy_staggered_batch(runner, info):
+@pytest.mark.parametrize("split", [0, 1], ids=["one-graph-per-step", "greedy-rows-apart"])
+def test_each_request_is_the_same_alone_and_in_a_busy_staggered_batch(runner, info, split):
+    """With split=1 every busy step that mixes greedy rows with rows needing candidates runs
+    the greedy rows on the ArgMax graph and the others on the TopK graph."""
     requests = mixed_requests(info)
 
     async def main():
-        async with started(runner, info) as engine:
+        async with started(runner, info, split_min_greedy_rows=split) as engine:
             solo = await one_at_a_time(engine, info, requests)
             handles = []
             for n, (request_id, i, params, extra) in enumerate(requests):

@@ -11,7 +11,7 @@ from gruserve.runtime.bundle import ModelInfo
 from gruserve.runtime.config import SchedulerConfig
 from gruserve.runtime.core import EngineCore
 from gruserve.runtime.errors import InvalidRequestError, QueueFullError
-from gruserve.runtime.model_runner import ModelRunner, StepOutput
+from gruserve.runtime.model_runner import ModelRunner, StepOutput, split_step
 from gruserve.runtime.request_builder import validate_params
 from gruserve.runtime.requests import DecodingParams, FinishReason, Limits, Request, Strategy
 from gruserve.runtime.sampler import SamplingParams
@@ -74,7 +74,12 @@ class FakeRunner:
             self.pool[slot] = (user,)
         return users.astype(np.float32) + 0.5  # the "rating"
 
-    def step(self, read_slots, write_slots, tokens, want_topk=False) -> StepOutput:
+    def step(self, read_slots, write_slots, tokens, want_topk=False, topk_rows=None):
+        if topk_rows is not None:
+            return split_step(self._run, read_slots, write_slots, tokens, topk_rows)
+        return self._run(read_slots, write_slots, tokens, want_topk)
+
+    def _run(self, read_slots, write_slots, tokens, want_topk) -> StepOutput:
         self.steps.append((read_slots.copy(), write_slots.copy(), tokens.copy(), want_topk))
         states = [self.pool[r] + (int(t),) for r, t in zip(read_slots, tokens, strict=True)]
         for slot, state in zip(write_slots.tolist(), states, strict=True):
@@ -359,6 +364,43 @@ def test_greedy_traffic_uses_the_cheap_graph():
         sched.add(req("x", **params))
         run(sched, runner)
         assert runner.steps[0][3], params
+
+
+def test_greedy_rows_run_apart_when_enough_share_a_step_with_rows_needing_candidates():
+    def mix():
+        return [req(f"g{i}", user=i, max_tokens=12) for i in range(5)] + [
+            req("m", user=7, min_tokens=6, stop_token_ids=(7, 9), max_tokens=12),
+            req("s", user=8, strategy=Strategy.SAMPLE, seed=3, max_tokens=12),
+            req("b", user=9, strategy=Strategy.BEAM, num_beams=2, max_tokens=12),
+        ]
+
+    results = {}
+    for split in (0, 3):
+        sched, runner = make(num_slots=10, split_min_greedy_rows=split)
+        for r in mix():
+            sched.add(r)
+        results[split] = finals(run(sched, runner))
+        runs = [(r.size, want) for r, _w, _t, want in runner.steps]
+        if split:
+            # each step of the busy phase: the 5 greedy rows on the cheap graph, then the rest
+            assert runs[0] == (5, False) and runs[1][1] is True and runs[1][0] >= 3
+            assert sum(n for n, want in runs if not want) >= 5 * 5
+        else:
+            assert all(want for _, want in runs[:6])  # one graph: candidates for every row
+    for rid, out in results[0].items():
+        assert results[3][rid].token_ids == out.token_ids, rid
+        assert results[3][rid].finish_reason is out.finish_reason, rid
+    # the min_tokens row still never ended early, whichever graph its neighbours ran
+    assert len(results[3]["m"].token_ids) >= 6
+
+
+def test_a_split_needs_enough_greedy_rows():
+    sched, runner = make(num_slots=4, split_min_greedy_rows=3)
+    sched.add(req("g1"))
+    sched.add(req("g2"))
+    sched.add(req("s", strategy=Strategy.SAMPLE, seed=1))
+    step(sched, runner)
+    assert [want for *_, want in runner.steps] == [True]  # 2 greedy rows: not worth a split
 
 
 def test_logprobs_follow_the_tokens():
