@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 
+from gruserve import __version__
+
 from .bundle import BundleError
 from .cli_args import add_connection_args, add_decoding_args, connection_from_args
 from .cli_config import PRECEDENCE_NOTE, add_config_arguments, config_from_args
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, export and serve GRU text decoders (NRT review tips) with ONNX "
         "Runtime.",
     )
+    parser.add_argument("--version", action="version", version=f"gruserve {__version__}")
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )

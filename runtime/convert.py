@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gruserve import __version__
 from gruserve.v1 import gruserve_pb2 as pb
 
 from .bundle import ModelInfo
@@ -25,7 +26,6 @@ _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
 }
-DEFAULT_NUM_BEAMS = 4
 
 
 def decoding_params(p: pb.DecodingParameters) -> DecodingParams:
@@ -43,7 +43,7 @@ def decoding_params(p: pb.DecodingParameters) -> DecodingParams:
             top_p=p.top_p or 1.0,
             seed=p.seed if p.HasField("seed") else None,
         ),
-        num_beams=p.num_beams or DEFAULT_NUM_BEAMS,
+        num_beams=p.num_beams,
         length_penalty=p.length_penalty if p.HasField("length_penalty") else 1.0,
         stop_token_ids=tuple(p.stop_token_ids),
         return_logprobs=p.return_logprobs,
@@ -141,4 +141,5 @@ def model_info(served: Served, *, service: ServiceConfig) -> pb.GetModelInfoResp
         accepts_hidden_state=bool(engine.runner.can_write_states),
         max_request_bytes=service.max_message_bytes,
         bundle_version=served.version,
+        server_version=__version__,
     )

@@ -18,6 +18,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from gruserve import __version__
 from gruserve.inference import grpc_service_pb2 as oip_pb
 from gruserve.inference import grpc_service_pb2_grpc as oip_pb_grpc
 from gruserve.v1 import gruserve_pb2 as pb
@@ -214,10 +215,10 @@ class GruServer:
         self.metrics.set_model(self.bundle.name, self.bundle.version)
         self._watchdog = asyncio.create_task(self._watch_engine())
         log.info(
-            "serving %s (bundle %s) on %s (provider %s, %d slots, %s%s%s)",
-            self.bundle.name, self.bundle.version, format_address(transport.host, self.port),
-            self.provider,
-            config.scheduler.num_slots, "TLS" if credentials else "plaintext",
+            "gruserve %s serving %s (bundle %s) on %s (provider %s, %d slots, %s%s%s)",
+            __version__, self.bundle.name, self.bundle.version,
+            format_address(transport.host, self.port), self.provider, config.scheduler.num_slots,
+            "TLS" if credentials else "plaintext",
             ", mutual TLS" if transport.tls_client_ca else "",
             ", token auth" if transport.auth_token else "",
         )
