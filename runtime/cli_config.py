@@ -13,7 +13,17 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .config import ConfigError, ServerConfig, env_of, field_type, flag_of, sections
+from .config import (
+    ConfigError,
+    LoggingConfig,
+    ServerConfig,
+    env_of,
+    field_type,
+    flag_of,
+    sections,
+)
+
+LOGGING_SECTION = {"logging": LoggingConfig}
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
@@ -58,18 +68,21 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def _cli_fields():
+def _cli_fields(of: dict[str, type]):
     """(section name, section class, field) of every setting the command line offers."""
-    for section, cls in sections().items():
+    for section, cls in of.items():
         for f in dataclasses.fields(cls):
             if f.metadata["setting"].cli:
                 yield section, cls, f
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting, grouped by section; the help shows default and variable."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, of: dict[str, type] | None = None
+) -> None:
+    """One flag per setting of the sections `of` (default: ServerConfig's), grouped by
+    section; the help shows default and variable."""
     groups = {}
-    for section, cls, f in _cli_fields():
+    for section, cls, f in _cli_fields(sections() if of is None else of):
         if section not in groups:
             doc = (cls.__doc__ or "").strip().splitlines()[0]
             groups[section] = parser.add_argument_group(f"{section}: {doc}")
@@ -91,15 +104,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         groups[section].add_argument(flag, **kwargs)
 
 
-def config_from_args(
-    args: argparse.Namespace, environ: Mapping[str, str] | None = None
-) -> ServerConfig:
-    """The ServerConfig the flags and variables describe; raises ConfigError naming the flag
-    (and the variable, when the value came from one)."""
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """--log-level and --log-format, which every command takes."""
+    add_config_arguments(parser, LOGGING_SECTION)
+
+
+def _sections_from_args(
+    of: dict[str, type], args: argparse.Namespace, environ: Mapping[str, str] | None
+) -> dict[str, Any]:
+    """section name -> the section the flags and variables describe; raises ConfigError
+    naming the flag (and the variable, when the value came from one)."""
     environ = os.environ if environ is None else environ
-    values: dict[str, dict[str, Any]] = {name: {} for name in sections()}
+    values: dict[str, dict[str, Any]] = {name: {} for name in of}
     from_env: dict[str, str] = {}  # flag -> variable its value came from
-    for section, cls, f in _cli_fields():
+    for section, cls, f in _cli_fields(of):
         flag = flag_of(f)
         if hasattr(args, f.name):
             values[section][f.name] = getattr(args, f.name)
@@ -114,8 +132,31 @@ def config_from_args(
             raise ConfigError(flag, f"{exc} (from ${env})") from None
         from_env[flag] = env
     try:
-        return ServerConfig(**{name: cls(**values[name]) for name, cls in sections().items()})
+        return {name: cls(**values[name]) for name, cls in of.items()}
     except ConfigError as exc:
         if exc.flag in from_env:
             raise ConfigError(exc.flag, f"{exc.reason} (from ${from_env[exc.flag]})") from None
         raise
+
+
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """The ServerConfig the flags and variables describe; raises ConfigError naming the flag
+    (and the variable, when the value came from one)."""
+    return ServerConfig(**_sections_from_args(sections(), args, environ))
+
+
+def logging_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> LoggingConfig:
+    return _sections_from_args(LOGGING_SECTION, args, environ)["logging"]
+
+
+def environment_variables() -> dict[str, str]:
+    """Every GRUSERVE_* variable the settings derive -> its flag (for docs and tests)."""
+    return {
+        env_of(flag_of(f)): flag_of(f)
+        for of in (LOGGING_SECTION, sections())
+        for _, _, f in _cli_fields(of)
+    }

@@ -50,18 +50,22 @@ def decoding_params(p: pb.DecodingParameters) -> DecodingParams:
     )
 
 
-def engine_request(engine: Engine, message: pb.GenerateRequest, *, stream: bool) -> Request:
-    """A GenerateRequest as a validated engine Request; raises InvalidRequest/NotFound."""
+def engine_request(
+    engine: Engine, message: pb.GenerateRequest, *, stream: bool, request_id: str | None = None
+) -> Request:
+    """A GenerateRequest as a validated engine Request (with `request_id` instead of the
+    message's, when given); raises InvalidRequest/NotFound."""
     params = decoding_params(message.parameters)
+    request_id = message.request_id if request_id is None else request_id
     which = message.WhichOneof("conditioning")
     if which == "user_item":
         return engine.make_request(
-            message.request_id, params, user_id=message.user_item.user_id,
+            request_id, params, user_id=message.user_item.user_id,
             item_id=message.user_item.item_id, stream=stream,
         )
     if which == "hidden_state":
         return engine.make_request(
-            message.request_id, params,
+            request_id, params,
             hidden_state=np.asarray(message.hidden_state.values, dtype=np.float32), stream=stream,
         )
     raise InvalidRequestError("conditioning", "set user_item or hidden_state")
