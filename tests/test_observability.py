@@ -313,3 +313,16 @@ def test_the_trace_exporters_build(exporter):
     finally:
         provider.shutdown()
     assert make_provider("none") is None
+
+
+def test_the_operations_guide_lists_every_setting_as_generated():
+    from gruserve.runtime.cli_config import TABLE_BEGIN, TABLE_END, settings_table
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text.partition(TABLE_BEGIN)[2].partition(TABLE_END)[0].strip()
+    assert table == settings_table(), (
+        "docs/operations.md is stale: run python -m gruserve.runtime.cli_config "
+        "docs/operations.md"
+    )
+    for variable in ("GRUSERVE_LOG_FORMAT", "GRUSERVE_NUM_SLOTS", "GRUSERVE_ACCESS_LOG"):
+        assert f"`{variable}`" in table
