@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,37 @@ def test_license_is_apache_2_and_declared_as_spdx():
 
 def test_the_package_is_marked_typed():
     assert importlib.resources.files("gruserve").joinpath("py.typed").is_file()
+
+
+def test_the_wheel_builds_from_what_the_image_copies(tmp_path):
+    """The Dockerfile builds the wheel from the files it COPYs (the .dockerignore lets in
+    nothing else): they must be enough, LICENSE and the gruserve package root included."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    wheel_stage = dockerfile.split("FROM ", 2)[1]  # the first stage builds the wheel
+    copied = [
+        name.rstrip("/") for line in wheel_stage.splitlines() if line.startswith("COPY ")
+        for name in line.split()[1:-1]
+    ]
+    assert "LICENSE" in copied
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    assert set(copied) <= allowed
+    source = tmp_path / "src"
+    for name in copied:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns(
+                "__pycache__", "*.pyc"))
+        else:
+            source.mkdir(exist_ok=True)
+            shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "--wheel-dir", str(tmp_path / "wheels"), str(source)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = (tmp_path / "wheels").glob("gruserve-*.whl")
+    assert wheel.name.startswith(f"gruserve-{gruserve.__version__}-")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"gruserve/__init__.py", "gruserve/py.typed", "gruserve/runtime/server.py",
+            "gruserve/v1/gruserve_pb2.py"} <= names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
