@@ -17,7 +17,7 @@ from gruserve.export.checkpoint import load_checkpoint
 from gruserve.export.config import ModelConfig
 from gruserve.export.model import NRT, nrt_loss, sentence_format
 from gruserve.export.synthetic import SyntheticSpec, make_synthetic_corpus
-from gruserve.export.train import TrainConfig, train
+from gruserve.export.train import TrainConfig, TrainingError, train
 
 PAD, BOS, EOS = 2, 0, 1
 SMALL_SPEC = SyntheticSpec(seed=5, num_users=20, num_items=15, num_reviews=240)
@@ -222,6 +222,23 @@ def test_early_stopping_counter_survives_resume(tmp_path, small_corpus, monkeypa
     assert best.epoch == 2 and load_checkpoint(tmp_path / "best.pt").epoch == 2
 
 
+def test_resuming_an_early_stopped_run_says_what_to_raise(tmp_path, small_corpus, monkeypatch):
+    _scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 2.6, 1.5, 1.4, 1.6, 1.7, 1.8])
+    config = dataclasses.replace(FAST, max_epochs=10, patience=2)
+    train(small_corpus, config, tmp_path)  # stops after epoch 4: 2 epochs without improvement
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last.epoch == 4
+    longer = dataclasses.replace(config, max_epochs=40)
+    with pytest.raises(TrainingError, match=r"stopped early.*resume with --patience 3 or more"):
+        train(small_corpus, longer, tmp_path, resume=last)
+    # raising the patience, as the message says, trains on (and finds the better epochs)
+    best, history = train(
+        small_corpus, dataclasses.replace(longer, patience=3), tmp_path, resume=last
+    )
+    assert [h.epoch for h in history] == list(range(1, 10))  # then 3 stale epochs: stop
+    assert best.epoch == 6
+
+
 def test_resume_into_a_new_directory_writes_the_best(tmp_path, small_corpus, monkeypatch):
     _scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 2.6])
     config = dataclasses.replace(FAST, max_epochs=10, patience=2)
@@ -253,8 +270,25 @@ def test_config_validation_and_round_trip():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_without_cuda_is_a_clear_error(tmp_path, small_corpus):
-    with pytest.raises(RuntimeError, match="cuda"):
-        train(small_corpus, dataclasses.replace(FAST, device="cuda"), tmp_path)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(TrainingError, match=f"--device {device}: .*use --device cpu"):
+            train(small_corpus, dataclasses.replace(FAST, device=device), tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_train_cli_takes_cuda_n_and_refuses_cuda_without_a_traceback(tmp_path, capsys):
+    from gruserve.runtime.cli import main
+
+    argv = ["train", "--out", str(tmp_path), "--max-epochs", "1", "--emsize", "8",
+            "--hidden-size", "8"]
+    for device in ("cuda", "cuda:1"):  # parsed (docs/training.md promises cuda:N), then
+        assert main([*argv, "--device", device]) == 2  # refused: no CUDA here
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--device {device}: " in err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--device", "gpu"])
+    assert exit_info.value.code == 2
+    assert "not a device: 'gpu' (cpu, cuda or cuda:N)" in capsys.readouterr().err
 
 
 def test_build_demo_checkpoint_api(tmp_path):
