@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from gruserve.v1 import gruserve_pb2 as pb
 
@@ -42,3 +45,23 @@ def test_the_loadtest_python_example_runs(tiny_bundle_dir):
         )
     assert out.returncode == 0, out.stderr
     assert "{}" in out.stdout  # no errors by status code
+
+
+def test_the_training_defaults_table_matches_the_cli_and_trainconfig():
+    """docs/training.md lists what `gruserve train` starts from (DEMO_TRAIN) and what
+    TrainConfig() defaults to; both columns must be the code's values."""
+    pytest.importorskip("torch")
+    from gruserve.export.demo import DEMO_TRAIN
+    from gruserve.export.train import TrainConfig
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    text = text.partition("| field | `gruserve train` default |")[2].partition("\n\n")[0]
+    rows = re.findall(r"^\| ([a-z_, ]+) \| ([^|]+) \| ([^|]+) \| [^|]+ \|$", text, flags=re.M)
+    seen = set()
+    for names, cli_values, python_values in rows:
+        names = [n.strip() for n in names.split(",")]
+        for config, values in ((DEMO_TRAIN, cli_values), (TrainConfig(), python_values)):
+            shown = [v.strip() for v in values.split(",")]
+            assert shown == [str(getattr(config, n)) for n in names], (names, values)
+        seen.update(names)
+    assert seen == {f.name for f in dataclasses.fields(TrainConfig)}
