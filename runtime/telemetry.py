@@ -86,7 +86,8 @@ class RpcTelemetry:
             "%s %s %.1fms tokens=%d request_id=%s peer=%s", record.method.lstrip("/"),
             code.name, duration_ms, record.num_tokens, request_id, record.peer or "-",
             extra=dict(
-                request_id=request_id, method=record.method.lstrip("/"), status=code.name,
+                request_id=request_id if request_id != "-" else None,
+                method=record.method.lstrip("/"), status=code.name,
                 duration_ms=duration_ms, tokens=record.num_tokens, peer=record.peer or None,
             ),
         )
