@@ -18,6 +18,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from prometheus_client.parser import text_string_to_metric_families
 
 import gruserve
+from gruserve.inference import grpc_service_pb2 as oip_pb
+from gruserve.inference import grpc_service_pb2_grpc as oip_grpc
 from gruserve.runtime import cli, logs, reflection
 from gruserve.runtime.cli_config import logging_from_args
 from gruserve.runtime.client import GruserveClient, build_request
@@ -59,6 +61,10 @@ def test_json_lines_and_one_access_line_per_rpc(tiny_bundle_dir, pair, json_log)
         with pytest.raises(grpc.RpcError):
             client.generate(**dict(pair, user="nobody"), request_id="r-missing")
         chunks = list(client.stream(**pair, request_id="r-stream"))
+        with grpc.insecure_channel(server.target) as channel:  # the other protocol, too
+            oip_grpc.GRPCInferenceServiceStub(channel).ServerLive(
+                oip_pb.ServerLiveRequest(), timeout=10, metadata=(("x-request-id", "oip-1"),)
+            )
     # the caller's x-request-id is the request's id and comes back in the metadata
     assert reply.request_id == "trace-abc-1"
     assert ("x-request-id", "trace-abc-1") in call.initial_metadata()
@@ -67,8 +73,9 @@ def test_json_lines_and_one_access_line_per_rpc(tiny_bundle_dir, pair, json_log)
         assert {"time", "level", "logger", "message"} <= record.keys()
     access = [r for r in records if r["logger"] == "gruserve.access"]
     assert [(r["request_id"], r["status"]) for r in access] == [
-        ("trace-abc-1", "OK"), ("r-missing", "NOT_FOUND"), ("r-stream", "OK"),
+        ("trace-abc-1", "OK"), ("r-missing", "NOT_FOUND"), ("r-stream", "OK"), ("oip-1", "OK"),
     ]
+    assert access[3]["method"] == "inference.GRPCInferenceService/ServerLive"
     first = access[0]
     assert first["level"] == "INFO"
     assert first["method"] == "gruserve.v1.Generator/Generate"
