@@ -32,11 +32,13 @@ def test_the_grpcurl_sample_answer_uses_the_proto_field_names():
     assert set(answer["timing"]) <= {f.name for f in pb.Timing.DESCRIPTOR.fields}
 
 
-def test_the_loadtest_python_example_runs(tiny_bundle_dir):
-    """The example's ids exist in the demo model (u0000..u0199, i0000..i0099) and in the
-    test model, which names entities the same way: run it for real, shortened."""
+def test_the_loadtest_python_example_runs():
+    """Against the demo model (the embedded bundle), whose ids the example uses: run it for
+    real, shortened."""
+    from gruserve.runtime.demo import demo_bundle_dir
+
     (example,) = [b for b in _code_blocks("loadtest.md", "python") if "run_loadtest" in b]
-    with running_server(tiny_bundle_dir) as server:
+    with running_server(demo_bundle_dir()) as server:
         code = example.replace("127.0.0.1:50051", server.target)
         code = code.replace("duration_s=30", "duration_s=0.5").replace("seconds=2", "seconds=0")
         assert code != example

@@ -320,8 +320,8 @@ def test_a_bad_certificate_or_key_is_named_with_its_file(certs, files, message):
     assert str(info.value).startswith(message.format(d=certs)), str(info.value)
 
 
-def test_serve_reports_a_bad_key_in_one_line(tiny_bundle_dir, certs, capsys):
-    argv = ["serve", str(tiny_bundle_dir), "--port", "0", "--device", "cpu", "--no-warmup",
+def test_serve_reports_a_bad_key_in_one_line(synthetic_bundle_dir, certs, capsys):
+    argv = ["serve", str(synthetic_bundle_dir), "--port", "0", "--device", "cpu", "--no-warmup",
             "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "client.key")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -329,12 +329,12 @@ def test_serve_reports_a_bad_key_in_one_line(tiny_bundle_dir, certs, capsys):
     assert "cannot bind" not in err
 
 
-def test_a_busy_metrics_port_names_the_address(tiny_bundle_dir):
+def test_a_busy_metrics_port_names_the_address(synthetic_bundle_dir):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = ServerThread(tiny_bundle_dir, metrics_port=port, warmup=False).create()
+        server = ServerThread(synthetic_bundle_dir, metrics_port=port, warmup=False).create()
         try:
             with pytest.raises(OSError) as info:
                 server.call(server.server.start())
