@@ -17,7 +17,7 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 # --- the package, built once as a wheel ------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY export/ export/
 COPY runtime/ runtime/
 COPY protos/ protos/

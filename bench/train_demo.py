@@ -39,6 +39,8 @@ from gruserve.export.synthetic import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_demo.md"
+# what pins the CPU kernels' code paths, hence their rounding, across machines
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 
 
 def machine(train_threads: int) -> str:
@@ -46,9 +48,14 @@ def machine(train_threads: int) -> str:
     if torch.cuda.is_available():
         gpu = f", GPU {torch.cuda.get_device_name(0)}"
     threads = train_threads or torch.get_num_threads()
+    # the kernels torch picked for this CPU: figures are reproducible between runs with the
+    # same ones (docs/training.md, "Reproducibility"), not across different ones
+    pinned = " ".join(f"{k}={os.environ[k]}" for k in KERNEL_VARIABLES if os.environ.get(k))
     return (
         f"{cpu_model()}, {os.cpu_count()} logical CPUs (training used {threads} torch "
-        f"thread(s)){gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+        f"thread(s)){gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"CPU kernels {torch.backends.cpu.get_cpu_capability()}"
+        + (f" ({pinned})" if pinned else "")
     )
 
 

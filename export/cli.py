@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -117,6 +118,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def torch_device(text: str) -> str:
+    """argparse type of a torch device name (checked against the machine when used)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda or cuda:N)")
+    return text
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' (built-in corpus) or an NLG4RS directory with reviews.pickle")
@@ -152,7 +160,8 @@ def add_export_commands(sub) -> None:
                    help="epochs without validation improvement before stopping")
     g.add_argument("--seed", type=int)
     g.add_argument("--clip-norm", dest="clip_norm", type=float, help="gradient clipping (0 = off)")
-    g.add_argument("--device", choices=("cpu", "cuda"))
+    g.add_argument("--device", type=torch_device, metavar="cpu|cuda|cuda:N",
+                   help="where to train (default cpu); CUDA asked for but absent is an error")
     g.add_argument("--threads", dest="num_threads", type=int,
                    help="torch CPU threads (0 = torch's default)")
     g.add_argument("--max-seconds", dest="max_seconds", type=float,
@@ -201,7 +210,7 @@ def add_export_commands(sub) -> None:
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-tokens", type=int, help="generated words per tip (default: max_len)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", type=torch_device, default="cpu", metavar="cpu|cuda|cuda:N")
     p.add_argument("--out", help="directory for metrics.json and the reference/generated pairs")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=_cmd_evaluate)

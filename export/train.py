@@ -182,19 +182,26 @@ def known_reviews(
 # The loop
 
 
+class TrainingError(ValueError):
+    """A run that cannot start as asked (a missing device, a resume with nothing left to
+    do): the CLI prints it as one line, without a traceback."""
+
+
 def resolve_device(name: str) -> torch.device:
     """`cpu` or `cuda[:N]`; asking for CUDA where torch has none is an error with the reason."""
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device {name!r} requested but torch.cuda.is_available() is False "
-                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
-                f"use --device cpu"
+            why = (
+                f"this torch ({torch.__version__}) is built without CUDA"
+                if torch.version.cuda is None
+                else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
             )
+            raise TrainingError(f"--device {name}: {why}; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"device {name!r} requested but only {torch.cuda.device_count()} GPU(s) visible"
+            raise TrainingError(
+                f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
             )
     return device
 
@@ -370,6 +377,13 @@ def _restore(run: _Run, resume: Checkpoint) -> None:
     run.best_epoch = state["best_epoch"]
     run.stale = state["epochs_without_improvement"]
     run.history = [EpochStats(**h) for h in state["history"]]
+    if run.stale >= run.config.patience and run.next_epoch <= run.config.max_epochs:
+        # it would stop again before its first epoch: say what to raise instead
+        raise TrainingError(
+            f"the resumed run stopped early: {run.stale} epoch(s) without validation "
+            f"improvement, patience {run.config.patience}; to train on, resume with "
+            f"--patience {run.stale + 1} or more (and --max-epochs above {resume.epoch})"
+        )
     run.best = _resumed_best(resume, run.best_epoch, run.out_dir)
     if _epoch_on_disk(run.out_dir / BEST_FILE) != run.best.epoch:
         save_checkpoint(run.best, run.out_dir / BEST_FILE)  # resuming into a new out_dir

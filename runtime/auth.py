@@ -60,34 +60,48 @@ _DENY_FACTORIES = {
 }
 
 
+def bearer_credentials(header: str | bytes) -> str | bytes:
+    """The credentials of an `authorization: Bearer <token>` value, "" for another scheme.
+    The scheme is case-insensitive and may be followed by several spaces (RFC 7235)."""
+    if not isinstance(header, str):
+        return ""
+    scheme, _, credentials = header.strip().partition(" ")
+    return credentials.strip(" ") if scheme.lower() == "bearer" else ""
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every RPC but health checks without `authorization: Bearer <token>`.
 
-    on_denied(method) is called for each refusal of a known method (metrics).
+    on_denied(method, metadata) is called for each refusal of a known method (metrics,
+    access log).
     """
 
-    def __init__(self, token: str, on_denied: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, token: str, on_denied: Callable[[str, tuple], None] | None = None
+    ) -> None:
         if not token:
             raise ValueError("empty bearer token")
-        self._expected = _digest(f"Bearer {token}")
+        self._expected = _digest(token)
         self._on_denied = on_denied
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(handler_call_details)
+        metadata = handler_call_details.invocation_metadata or ()
         supplied = ""
-        for key, value in handler_call_details.invocation_metadata or ():
+        for key, value in metadata:
             if key == "authorization":
-                supplied = value
+                supplied = bearer_credentials(value)
                 break
-        if hmac.compare_digest(_digest(supplied), self._expected):
+        # an empty token never matches: the constructor refuses one
+        if supplied and hmac.compare_digest(_digest(supplied), self._expected):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # an unknown method: UNIMPLEMENTED, as without auth
         if self._on_denied is not None:
-            self._on_denied(method)
+            self._on_denied(method, tuple(metadata))
         # a denial of the same shape as the real handler, so that grpc reads and writes the
         # call the way the client expects
         make, behaviour = _DENY_FACTORIES[(handler.request_streaming, handler.response_streaming)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,9 +212,26 @@ def _pool_dtype(manifest_path: Path, graphs: dict[str, GraphSpec]) -> str:
     return dtypes.get(STEP_GREEDY, "float32")
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _not_a_directory(path: Path) -> str:
+    """What a file given as a bundle most likely is, and what to do with it."""
+    if path.suffix in CHECKPOINT_SUFFIXES or zipfile.is_zipfile(path):  # torch.save: a zip
+        return (
+            f"{path} is a training checkpoint, not a bundle: export it first with "
+            f"`gruserve export {path} --out BUNDLE_DIR`, then serve BUNDLE_DIR"
+        )
+    if path.name == MANIFEST:
+        return f"{path}: give the bundle directory ({path.parent}), not its manifest"
+    return f"{path} is a file: a bundle is a directory with a {MANIFEST}"
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Reads and checks a bundle directory (hashes included); raises BundleError."""
     root = Path(path)
+    if root.is_file():
+        raise BundleError(_not_a_directory(root))
     if not root.is_dir():
         raise BundleError(f"{root}: bundle directory not found")
     manifest_path = root / MANIFEST

@@ -10,9 +10,18 @@ import json
 import logging
 import sys
 
+from gruserve import __version__
+
+from . import logs
 from .bundle import BundleError
 from .cli_args import add_connection_args, add_decoding_args, connection_from_args
-from .cli_config import PRECEDENCE_NOTE, add_config_arguments, config_from_args
+from .cli_config import (
+    PRECEDENCE_NOTE,
+    add_config_arguments,
+    add_logging_arguments,
+    config_from_args,
+    logging_from_args,
+)
 from .config import ConfigError
 from .providers import DeviceError
 
@@ -145,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, export and serve GRU text decoders (NRT review tips) with ONNX "
         "Runtime.",
     )
-    parser.add_argument(
-        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
-    )
+    parser.add_argument("--version", action="version", version=f"gruserve {__version__}")
+    # before the command (gruserve --log-level DEBUG serve) or after it (each command has
+    # the same options, below)
+    add_logging_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -184,16 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .loadtest_cli import add_loadtest_command
 
     add_loadtest_command(sub)
+    for command in sub.choices.values():
+        add_logging_arguments(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
+        logs.configure(logging_from_args(args))
         return int(args.func(args) or 0)
     except (BundleError, ConfigError, DeviceError, ValueError, OSError) as exc:
         # operator errors: one clear line, no stack trace

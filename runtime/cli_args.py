@@ -39,6 +39,22 @@ def connection_from_args(args: argparse.Namespace):
     )
 
 
+def token_ids(text: str) -> list[int]:
+    """argparse type of a comma-separated id list: its error names the bad item."""
+    ids = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            ids.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a comma-separated list of token ids: {item!r} in {text!r}"
+            ) from None
+    return ids
+
+
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
@@ -50,6 +66,6 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="sampling seed: same request + seed -> same text")
     g.add_argument("--num-beams", type=int, default=0, help="beam search; 0 = 4")
     g.add_argument("--length-penalty", type=float, help="beam search; default 1.0")
-    g.add_argument("--stop-ids", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+    g.add_argument("--stop-ids", type=token_ids, default=[], metavar="ID,ID,...",
                    help="comma-separated token ids that end the text")
     g.add_argument("--logprobs", action="store_true", help="return per-token log-probs")

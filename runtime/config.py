@@ -23,6 +23,9 @@ from typing import Any
 MiB = 1 << 20
 ENV_PREFIX = "GRUSERVE_"
 DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+TRACE_EXPORTERS = ("none", "otlp", "console")
 
 
 class ConfigError(ValueError):
@@ -145,7 +148,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Limits of the gRPC service itself (beyond what one request may ask)."""
+    """The gRPC service itself: limits beyond what one request may ask, access log, traces."""
 
     max_batch_requests: int = setting(
         64, "most requests in one GenerateBatch call (and rows, i.e. generations, in one "
@@ -155,6 +158,14 @@ class ServiceConfig:
     max_message_bytes: int = setting(
         4 * MiB, "largest request or response message in bytes (bigger: RESOURCE_EXHAUSTED)",
         minimum=1024,
+    )
+    access_log: bool = setting(
+        True, "one INFO line per RPC: method, status, duration, tokens, request id, peer"
+    )
+    trace_exporter: str = setting(
+        "none", "where RPC spans go (needs the otel extra): otlp (OTEL_EXPORTER_OTLP_* say "
+        "where), console, or none (the global tracer provider, if something set one)",
+        choices=TRACE_EXPORTERS,
     )
 
     # a stream message costs the server ~50 us of CPU whatever it carries: after the first
@@ -235,6 +246,25 @@ class LifecycleConfig:
     )
     # a real request through every graph before SERVING, so the first client does not pay
     warmup: bool = setting(True, "run one request through every graph before SERVING")
+
+    def __post_init__(self) -> None:
+        _check_bounds(self)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Logging, which every command takes.
+
+    Not a section of ServerConfig: it configures the process before any command runs, and
+    `gruserve train` logs as much as `gruserve serve`."""
+
+    log_level: str = setting("INFO", "least severe level logged", choices=LOG_LEVELS)
+    log_format: str = setting(
+        "text", "text: one readable line per record; json: one JSON object per line "
+        "(time, level, logger, message, and request_id, method, status, duration_ms, "
+        "tokens, peer where they apply)",
+        choices=LOG_FORMATS,
+    )
 
     def __post_init__(self) -> None:
         _check_bounds(self)

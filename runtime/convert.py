@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gruserve import __version__
 from gruserve.v1 import gruserve_pb2 as pb
 
 from .bundle import ModelInfo
@@ -25,7 +26,6 @@ _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
 }
-DEFAULT_NUM_BEAMS = 4
 
 
 def decoding_params(p: pb.DecodingParameters) -> DecodingParams:
@@ -43,25 +43,29 @@ def decoding_params(p: pb.DecodingParameters) -> DecodingParams:
             top_p=p.top_p or 1.0,
             seed=p.seed if p.HasField("seed") else None,
         ),
-        num_beams=p.num_beams or DEFAULT_NUM_BEAMS,
+        num_beams=p.num_beams,
         length_penalty=p.length_penalty if p.HasField("length_penalty") else 1.0,
         stop_token_ids=tuple(p.stop_token_ids),
         return_logprobs=p.return_logprobs,
     )
 
 
-def engine_request(engine: Engine, message: pb.GenerateRequest, *, stream: bool) -> Request:
-    """A GenerateRequest as a validated engine Request; raises InvalidRequest/NotFound."""
+def engine_request(
+    engine: Engine, message: pb.GenerateRequest, *, stream: bool, request_id: str | None = None
+) -> Request:
+    """A GenerateRequest as a validated engine Request (with `request_id` instead of the
+    message's, when given); raises InvalidRequest/NotFound."""
     params = decoding_params(message.parameters)
+    request_id = message.request_id if request_id is None else request_id
     which = message.WhichOneof("conditioning")
     if which == "user_item":
         return engine.make_request(
-            message.request_id, params, user_id=message.user_item.user_id,
+            request_id, params, user_id=message.user_item.user_id,
             item_id=message.user_item.item_id, stream=stream,
         )
     if which == "hidden_state":
         return engine.make_request(
-            message.request_id, params,
+            request_id, params,
             hidden_state=np.asarray(message.hidden_state.values, dtype=np.float32), stream=stream,
         )
     raise InvalidRequestError("conditioning", "set user_item or hidden_state")
@@ -141,4 +145,5 @@ def model_info(served: Served, *, service: ServiceConfig) -> pb.GetModelInfoResp
         accepts_hidden_state=bool(engine.runner.can_write_states),
         max_request_bytes=service.max_message_bytes,
         bundle_version=served.version,
+        server_version=__version__,
     )

@@ -1,55 +1,103 @@
 """Prometheus metrics: the engine and servicer fill plain stats; this module exports them.
 
-Each server owns its registry (tests start several servers in one process). Names carry
-their unit, per Prometheus conventions.
+Each server owns its registry (tests start several servers in one process). Names follow
+Prometheus conventions: a `gruserve_` prefix, base units in the name (`_seconds`), `_total`
+on counters only, `_info` for the constant-1 gauges that carry labels. docs/metrics.md lists
+every series (a test checks the list against a scrape).
+
+The model and bundle version are labels of `gruserve_model_info` only, not of every series:
+one process serves one model, and Prometheus joins labels from an info metric
+(`... * on(instance) group_left(model, bundle_version) gruserve_model_info`).
 """
 
 from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
-from .requests import RequestOutput
+from gruserve import __version__
+
+from .requests import FinishReason, RequestOutput
 from .stats import StepStats
 
 log = logging.getLogger(__name__)
 
+# `_created` series (a counter's creation time) double the series count for no use here
+disable_created_metrics()
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self.registry = r = registry or CollectorRegistry()
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+        Gauge(
+            "gruserve_build_info", "The gruserve release serving: 1 for its version",
+            ["version"], registry=r,
+        ).labels(version=__version__).set(1)
+        self.model = Gauge(
+            "gruserve_model_info", "The bundle being served: 1 for its model and version",
+            ["model", "bundle_version"], registry=r,
+        )
         self.requests = Counter(
             "gruserve_requests", "RPCs handled, by method and gRPC status code",
             ["rpc", "code"], registry=r,
         )
-        self.ttft = Histogram(
-            "gruserve_time_to_first_token_seconds", "Accepted to first token",
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )
-        self.e2e = Histogram(
-            "gruserve_request_latency_seconds", "Accepted to finished (engine side)",
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )
-        self.queue_time = Histogram(
-            "gruserve_queue_time_seconds", "Accepted to admitted into a slot",
-            buckets=_LATENCY_BUCKETS, registry=r,
+        self.finished = Counter(
+            "gruserve_finished_requests", "Engine requests finished, by finish reason",
+            ["finish_reason"], registry=r,
         )
         self.tokens = Counter(
             "gruserve_generated_tokens", "Tokens generated (aborted requests' included)",
             registry=r,
         )
-        self.model = Gauge(
-            "gruserve_model_info", "The bundle being served: 1 for its model and version",
-            ["model", "bundle_version"], registry=r,
+        self.queue_time = Histogram(
+            "gruserve_queue_time_seconds", "Accepted to admitted into a slot",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "gruserve_time_to_first_token_seconds", "Accepted to first token",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.itl = Histogram(
+            "gruserve_inter_token_latency_seconds",
+            "Per request: mean time between consecutive tokens (requests of 2+ tokens)",
+            buckets=_STEP_BUCKETS + (0.5, 1), registry=r,
+        )
+        self.e2e = Histogram(
+            "gruserve_request_latency_seconds", "Accepted to finished (engine side)",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.request_tokens = Histogram(
+            "gruserve_request_generated_tokens", "Tokens generated per finished request",
+            buckets=_TOKEN_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge("gruserve_queue_depth", "Requests waiting for a slot", registry=r)
+        self.queue_capacity = Gauge(
+            "gruserve_queue_capacity", "Requests that may wait before RESOURCE_EXHAUSTED",
+            registry=r,
+        )
         self.active_slots = Gauge("gruserve_active_slots", "Decode slots in use", registry=r)
+        self.slot_capacity = Gauge(
+            "gruserve_slot_capacity", "Decode slots in the state pool", registry=r
+        )
         self.running = Gauge(
             "gruserve_running_requests", "Requests holding decode slots", registry=r
         )
@@ -66,6 +114,10 @@ class ServiceMetrics:
         self.model.clear()
         self.model.labels(model=name, bundle_version=version).set(1)
 
+    def set_capacity(self, *, num_slots: int, max_queued: int) -> None:
+        self.slot_capacity.set(num_slots)
+        self.queue_capacity.set(max_queued)
+
     def observe_step(self, stats: StepStats) -> None:
         """Engine observer (decode thread); prometheus_client is thread-safe."""
         self.queue_depth.set(stats.num_waiting)
@@ -79,20 +131,33 @@ class ServiceMetrics:
 
     def observe_finished(self, output: RequestOutput) -> None:
         """A request answered to its client (event-loop thread)."""
+        self.finished.labels(finish_reason=output.finish_reason.value).inc()
+        num_tokens = len(output.token_ids or ())
+        self.request_tokens.observe(num_tokens)
         if output.first_token_s is not None:
             self.ttft.observe(output.first_token_s)
+            if num_tokens >= 2 and output.total_s is not None:
+                self.itl.observe((output.total_s - output.first_token_s) / (num_tokens - 1))
         if output.queue_s is not None:
             self.queue_time.observe(output.queue_s)
         if output.total_s is not None:
             self.e2e.observe(output.total_s)
 
-    def count_denied(self, method: str) -> None:
-        """An RPC refused by auth; `method` is a known /package.Service/Method path."""
-        self.requests.labels(rpc=method.rsplit("/", 1)[-1], code="UNAUTHENTICATED").inc()
+    def count_aborted(self, num_requests: int = 1) -> None:
+        """Requests that ended early (client cancel, deadline, shutdown): no latency."""
+        if num_requests:
+            self.finished.labels(finish_reason=FinishReason.ABORTED.value).inc(num_requests)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics endpoint; returns the bound port (0 picks a free one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(
+                f"cannot serve metrics on {address} (--metrics-host, --metrics-port): "
+                f"{exc.strerror or exc}"
+            ) from None
         self._http_server = server
         return server.server_port
 

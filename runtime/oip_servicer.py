@@ -27,11 +27,11 @@ from gruserve.inference import grpc_service_pb2_grpc as pb_grpc
 from . import oip_convert
 from .engine import RequestHandle
 from .errors import NotFoundError
-from .metrics import ServiceMetrics
 from .model_host import Served
 from .oip_convert import InferCall, Row
 from .requests import RequestOutput
 from .rpc import RpcScope, ServicerBase, all_results, loggable_id
+from .telemetry import RpcTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
+    service_name = SERVICE_NAME
+
     def __init__(self, *args, is_ready: Callable[[], bool], **kwargs) -> None:
         """ServicerBase's arguments, and is_ready: whether the server's health is SERVING."""
         super().__init__(*args, **kwargs)
@@ -108,7 +110,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
             handles = [self._submit(scope, r) for r in call.requests]
             outputs = await all_results(handles)
             info = scope.engine.info
-            rows = [oip_convert.row_of(self._finished(o), info) for o in outputs]
+            rows = [oip_convert.row_of(self._finished(scope, o), info) for o in outputs]
             return oip_convert.infer_response(call, rows)
 
     async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -193,7 +195,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
                     tokens[row].extend(delta.new_token_ids)
                     logprobs[row].extend(delta.new_logprobs or ())
                     if delta.finished:
-                        finals[row] = self._finished(delta)
+                        finals[row] = self._finished(scope, delta)
                 if any(tokens):
                     rows = []
                     for i, new in enumerate(tokens):
@@ -227,8 +229,8 @@ REFUSED = {
 
 
 class RefusedMethods(grpc.GenericRpcHandler):
-    def __init__(self, metrics: ServiceMetrics) -> None:
-        self.metrics = metrics
+    def __init__(self, telemetry: RpcTelemetry) -> None:
+        self.telemetry = telemetry
 
     def service(self, handler_call_details):
         prefix = f"/{SERVICE_NAME}/"
@@ -239,7 +241,8 @@ class RefusedMethods(grpc.GenericRpcHandler):
             return None
 
         async def refuse(request: bytes, context: grpc.aio.ServicerContext):
-            self.metrics.requests.labels(rpc=name, code="UNIMPLEMENTED").inc()
+            record = self.telemetry.begin_call(method, context)
+            self.telemetry.end(record, grpc.StatusCode.UNIMPLEMENTED)
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name}: {reason}")
 
         # the request stays bytes: nothing is parsed for a refusal

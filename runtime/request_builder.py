@@ -8,7 +8,6 @@ as attributes. Protocol front ends (gruserve.v1, the Open Inference Protocol) on
 from __future__ import annotations
 
 import itertools
-import math
 import secrets
 
 import numpy as np
@@ -18,22 +17,30 @@ from .errors import InvalidRequestError, NotFoundError
 from .requests import DecodingParams, Limits, Request, Strategy
 
 MAX_ABS_LENGTH_PENALTY = 10.0
-# the id goes into logs and error details: bounded and printable (no forged log lines)
+DEFAULT_NUM_BEAMS = 4  # what num_beams 0 means (capped at Limits.max_beams)
+# ids go into logs and error details: bounded and printable (no forged log lines)
 MAX_REQUEST_ID_LEN = 128
+MAX_ENTITY_ID_LEN = 256
+# Every state of a GRU started inside [-1, 1] stays there (the new state mixes the old one
+# with a tanh), and the encoder's states are tanh outputs: a raw state outside it is no
+# state the model has ever seen, and huge ones overflow the step into NaN log-probs
+MAX_ABS_STATE_VALUE = 1.0
+
+
+def check_id(field: str, value: str, max_len: int) -> None:
+    """An id that goes into logs and error details: at most max_len printable characters."""
+    if len(value) > max_len:
+        raise InvalidRequestError(field, f"at most {max_len} characters, got {len(value)}")
+    if not value.isprintable():
+        raise InvalidRequestError(field, "control or other non-printable characters")
 
 
 def validate_params(params: DecodingParams, limits: Limits) -> DecodingParams:
-    """Checks every field against the limits; returns params with defaults resolved.
+    """Checks every field against the limits, whatever the strategy (a greedy request with
+    top_p 1.5 is as wrong as a sampling one); returns params with defaults resolved.
 
     Raises InvalidRequestError naming the offending field (DecodingParams' own names).
     """
-    for name, value in (
-        ("temperature", params.sampling.temperature),
-        ("top_p", params.sampling.top_p),
-        ("length_penalty", params.length_penalty),
-    ):
-        if not math.isfinite(value):
-            raise InvalidRequestError(name, "must be finite")
     max_tokens = params.max_tokens or limits.default_max_tokens
     if not 0 < max_tokens <= limits.max_tokens:
         raise InvalidRequestError(
@@ -56,27 +63,29 @@ def validate_params(params: DecodingParams, limits: Limits) -> DecodingParams:
         raise InvalidRequestError(
             "parameters", "this bundle has no sampling graph (sampling, beam, logprobs, min_tokens)"
         )
-    if params.strategy is Strategy.SAMPLE:
-        params.sampling.validate(limits.sampling_top_k)
-    if params.strategy is Strategy.BEAM:
-        if not 1 <= params.num_beams <= limits.max_beams:
+    params.sampling.validate(limits.sampling_top_k)
+    num_beams = params.num_beams
+    if num_beams or params.strategy is Strategy.BEAM:
+        num_beams = num_beams or min(DEFAULT_NUM_BEAMS, limits.max_beams)
+        if not 1 <= num_beams <= limits.max_beams:
             raise InvalidRequestError(
-                "num_beams", f"must be in 1..{limits.max_beams}, got {params.num_beams}"
+                "num_beams", f"must be in 1..{limits.max_beams}, got {num_beams}"
             )
-        # score / length ** length_penalty: a finite but huge exponent overflows or divides
-        # by zero inside the decode loop (seen killing it); sensible values lie well inside
-        if not abs(params.length_penalty) <= MAX_ABS_LENGTH_PENALTY:
-            raise InvalidRequestError(
-                "length_penalty",
-                f"must be in [-{MAX_ABS_LENGTH_PENALTY:g}, {MAX_ABS_LENGTH_PENALTY:g}], "
-                f"got {params.length_penalty:g}",
-            )
+    # score / length ** length_penalty: a finite but huge exponent overflows or divides by
+    # zero inside the decode loop (seen killing it); sensible values lie well inside. The
+    # check also refuses NaN
+    if not abs(params.length_penalty) <= MAX_ABS_LENGTH_PENALTY:
+        raise InvalidRequestError(
+            "length_penalty",
+            f"must be in [-{MAX_ABS_LENGTH_PENALTY:g}, {MAX_ABS_LENGTH_PENALTY:g}], "
+            f"got {params.length_penalty:g}",
+        )
     return DecodingParams(
         strategy=params.strategy,
         max_tokens=max_tokens,
         min_tokens=params.min_tokens,
         sampling=params.sampling,
-        num_beams=params.num_beams if params.strategy is Strategy.BEAM else 1,
+        num_beams=num_beams if params.strategy is Strategy.BEAM else 1,
         length_penalty=params.length_penalty,
         stop_token_ids=tuple(int(t) for t in params.stop_token_ids),
         return_logprobs=params.return_logprobs,
@@ -103,10 +112,7 @@ class RequestBuilder:
         stream: bool = False,
     ) -> Request:
         """A validated Request; raises InvalidRequestError / NotFoundError naming the field."""
-        if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
-            raise InvalidRequestError(
-                "request_id", f"at most {MAX_REQUEST_ID_LEN} printable characters"
-            )
+        check_id("request_id", request_id, MAX_REQUEST_ID_LEN)
         try:
             params = validate_params(params, self.limits)
         except InvalidRequestError as exc:
@@ -137,8 +143,12 @@ class RequestBuilder:
                 "hidden_state",
                 f"needs {expected} values (num_layers * hidden_size), got {state.size}",
             )
-        if not np.isfinite(state).all():
-            raise InvalidRequestError("hidden_state", "values must be finite")
+        if not (np.abs(state) <= MAX_ABS_STATE_VALUE).all():  # NaN fails this too
+            raise InvalidRequestError(
+                "hidden_state",
+                f"values must lie in [-{MAX_ABS_STATE_VALUE:g}, {MAX_ABS_STATE_VALUE:g}], "
+                "the range of the GRU's states",
+            )
         if not self.can_write_states:
             raise InvalidRequestError("hidden_state", "this bundle cannot take raw states")
         return state.reshape(info.hidden_size)
@@ -148,6 +158,7 @@ class RequestBuilder:
         field = f"user_item.{kind}_id"
         if not external_id:
             raise InvalidRequestError(field, "required")
+        check_id(field, external_id, MAX_ENTITY_ID_LEN)
         found = index.get(external_id)
         if found is None:
             raise NotFoundError(field, f"unknown {kind}_id {external_id!r}")

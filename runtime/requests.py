@@ -35,7 +35,7 @@ class DecodingParams:
     # <eos> and stop tokens are suppressed until this many tokens exist
     min_tokens: int = 0
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    num_beams: int = 4
+    num_beams: int = 0  # 0: the default (request_builder.DEFAULT_NUM_BEAMS)
     length_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     return_logprobs: bool = False

@@ -1,10 +1,11 @@
 """What every protocol front end does around an RPC, whatever its protobuf: one guard.
 
 `ServicerBase._guard` maps the runtime's errors to status codes via status.status_for (the
-single table), counts the outcome in `gruserve_requests{rpc, code}`, reports a dead engine
-(health NOT_SERVING), and aborts the engine requests of an RPC that ends early for any
-reason (client cancel, disconnect, deadline): their slots are freed at the next step
-boundary. gruserve.v1 (servicer.py) and the Open Inference Protocol (oip_servicer.py) both
+single table), records the outcome (telemetry: `gruserve_requests{rpc, code}`, one
+access-log line, a trace span), takes the caller's `x-request-id` and echoes it, reports a
+dead engine (health NOT_SERVING), and aborts the engine requests of an RPC that ends early
+for any reason (client cancel, disconnect, deadline): their slots are freed at the next
+step boundary. gruserve.v1 (servicer.py) and the Open Inference Protocol (oip_servicer.py) both
 build on it; neither knows the other's messages.
 """
 
@@ -17,14 +18,15 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from . import logs
 from .config import ServiceConfig
 from .engine import RequestHandle
 from .errors import EngineDeadError, GruserveError, RequestAbortedError
-from .metrics import ServiceMetrics
 from .model_host import ModelHost, Served
-from .request_builder import MAX_REQUEST_ID_LEN
+from .request_builder import MAX_REQUEST_ID_LEN, check_id
 from .requests import FinishReason, Request, RequestOutput
 from .status import status_for
+from .telemetry import REQUEST_ID_HEADER, RpcRecord, RpcTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +71,27 @@ class RpcScope:
     RPC uses the engine that was current when it started, for its whole life (a reload
     sends only new RPCs to a new engine)."""
 
-    def __init__(self, served: Served) -> None:
+    def __init__(self, served: Served, record: RpcRecord) -> None:
         self.served = served
         self.engine = served.engine
+        self.record = record  # what the RPC leaves behind: its ids, tokens, span
         self.handles: list[RequestHandle] = []
-        self.request_ids: list[str] = []  # for the logs, known before the engine has a handle
         self.closed = False
 
-    def ids(self) -> str:
-        return ",".join(self.request_ids) or "-"
+    @property
+    def request_ids(self) -> list[str]:
+        """For the logs, known before the engine has a handle."""
+        return self.record.request_ids
 
-    def abort_unfinished(self) -> None:
-        for handle in self.handles:
+    def ids(self) -> str:
+        return self.record.ids()
+
+    def abort_unfinished(self) -> int:
+        """Aborts the requests not finished yet; returns how many there were."""
+        unfinished = [handle for handle in self.handles if not handle.done]
+        for handle in unfinished:
             handle.abort()
+        return len(unfinished)
 
 
 async def all_results(handles: list[RequestHandle]) -> list[RequestOutput]:
@@ -98,18 +108,22 @@ class ServicerBase:
     """The guard, submission and bookkeeping shared by the protocol servicers.
 
     on_engine_dead is awaited when an RPC finds the engine dead (the server turns health
-    NOT_SERVING for every service it serves)."""
+    NOT_SERVING for every service it serves). A subclass names its gRPC service in
+    `service_name` (what the access log and spans call its methods)."""
+
+    service_name = ""
 
     def __init__(
         self,
         host: ModelHost,
-        metrics: ServiceMetrics,
+        telemetry: RpcTelemetry,
         on_engine_dead: Callable[[], Awaitable[None]] | None = None,
         *,
         service: ServiceConfig,
     ) -> None:
         self.host = host
-        self.metrics = metrics
+        self.telemetry = telemetry
+        self.metrics = telemetry.metrics
         self.on_engine_dead = on_engine_dead
         self.service = service
         # how streams coalesce tokens into messages (RequestHandle.chunks)
@@ -123,11 +137,27 @@ class ServicerBase:
     ):
         """One RPC (or one request of a stream, with on_error sending its error in-band
         instead of ending the stream)."""
-        scope = RpcScope(self.host.current)
-        send_error = on_error or context.abort
+        record = self.telemetry.begin_call(f"/{self.service_name}/{rpc}", context)
+        scope = RpcScope(self.host.current, record)
+        with logs.request_context(record.header_id):
+            async with self._outcome(scope, rpc, context, on_error or context.abort):
+                if record.header_id is not None:
+                    check_id(REQUEST_ID_HEADER, record.header_id, MAX_REQUEST_ID_LEN)
+                    if on_error is None:  # a stream's later requests: its headers are sent
+                        await context.send_initial_metadata(
+                            ((REQUEST_ID_HEADER, record.header_id),)
+                        )
+                yield scope
+
+    @contextlib.asynccontextmanager
+    async def _outcome(
+        self, scope: RpcScope, rpc: str, context: grpc.aio.ServicerContext,
+        send_error: ErrorSink,
+    ):
+        """Maps what the RPC raised to its status, and closes its books whatever happened."""
         code = None
         try:
-            yield scope
+            yield
         except GruserveError as exc:
             code = status_for(exc)
             if isinstance(exc, EngineDeadError):
@@ -138,7 +168,7 @@ class ServicerBase:
                 log.debug("%s: %s %s (request ids %s)", rpc, code.name, exc, scope.ids())
             # the books are closed before the status leaves: a client that has its answer
             # finds it counted (and the engine's work already being stopped)
-            self._close(scope, rpc, code)
+            self._close(scope, code)
             await send_error(code, details_of(exc))
         except asyncio.CancelledError:
             # client cancel, disconnect or deadline: grpc has already answered the client;
@@ -151,28 +181,31 @@ class ServicerBase:
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.exception("%s failed (request ids %s)", rpc, scope.ids())
-            self._close(scope, rpc, code)
+            self._close(scope, code)
             await send_error(code, f"internal error (request ids {scope.ids()})")
         finally:
             if not scope.closed:
-                self._close(scope, rpc, code or grpc.StatusCode.OK)
+                self._close(scope, code or grpc.StatusCode.OK)
 
-    def _close(self, scope: RpcScope, rpc: str, code: grpc.StatusCode) -> None:
+    def _close(self, scope: RpcScope, code: grpc.StatusCode) -> None:
         scope.closed = True
-        scope.abort_unfinished()
-        self.metrics.requests.labels(rpc=rpc, code=code.name).inc()
+        self.metrics.count_aborted(scope.abort_unfinished())
+        self.telemetry.end(scope.record, code)
 
     def _submit(self, scope: RpcScope, request: Request) -> RequestHandle:
         handle = scope.engine.submit(request)
         scope.handles.append(handle)
+        scope.record.queued(handle.request_id)
         return handle
 
-    def _finished(self, output: RequestOutput) -> RequestOutput:
+    def _finished(self, scope: RpcScope, output: RequestOutput) -> RequestOutput:
         if output.finish_reason is FinishReason.ABORTED:
             # only this RPC aborts its requests, and then it is no longer listening; anything
             # else (an engine shutting down) must not look like a normal end
+            self.metrics.count_aborted()
             raise RequestAbortedError(f"request {output.request_id} was aborted")
         self.metrics.observe_finished(output)
+        scope.record.finished(output.request_id, output)
         log.debug(
             "request %s finished (%s, %d tokens)",
             output.request_id, output.finish_reason, len(output.token_ids or ()),

@@ -16,8 +16,9 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
+from gruserve import __version__
 from gruserve.inference import grpc_service_pb2 as oip_pb
 from gruserve.inference import grpc_service_pb2_grpc as oip_pb_grpc
 from gruserve.v1 import gruserve_pb2 as pb
@@ -25,16 +26,20 @@ from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
 from .bundle import Bundle, ModelInfo, load_bundle
-from .config import ServerConfig, TransportConfig
+from .config import ServerConfig
 from .core import EngineCore
 from .engine import Engine
 from .metrics import ServiceMetrics
 from .model_host import ModelHost, Served
 from .oip_servicer import SERVICE_NAME as OIP_SERVICE_NAME
 from .oip_servicer import InferenceServicer, RefusedMethods
+from .reflection import enable_reflection
 from .requests import DecodingParams
 from .runner import StepRunner
 from .servicer import SERVICE_NAME, GeneratorServicer, MalformedRequestInterceptor
+from .telemetry import RpcTelemetry
+from .tls import server_credentials
+from .tracing import Tracer, make_provider
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +111,24 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _server_credentials(config: TransportConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials from the configured files (the config checked they come in pairs)."""
-    if not config.tls_cert:
-        return None
-    cert = Path(config.tls_cert).read_bytes()
-    key = Path(config.tls_key).read_bytes()
-    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
-
-
 class GruServer:
     """One serving process: call start(), then wait() or stop()."""
 
-    def __init__(self, bundle: Bundle, config: ServerConfig | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, config: ServerConfig | None = None, *, tracer_provider=None
+    ) -> None:
+        """`tracer_provider`: where RPC spans go (an OpenTelemetry TracerProvider); default:
+        the one --trace-exporter builds, else the global one."""
         self.config = config = config or ServerConfig()
+        # checked before any session is built: a bad certificate is a quick, clear error
+        self._credentials = server_credentials(config.transport)
         self.metrics = ServiceMetrics()
+        self._own_provider = None
+        if tracer_provider is None:
+            tracer_provider = self._own_provider = make_provider(config.service.trace_exporter)
+        self.telemetry = RpcTelemetry(
+            self.metrics, Tracer(tracer_provider), access=config.service.access_log
+        )
         self.host = ModelHost(self._served(bundle))
         self.health = health.aio.HealthServicer()
         self._serving = False  # health is SERVING (the Open Inference Protocol's ServerReady)
@@ -160,32 +165,34 @@ class GruServer:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if transport.auth_token:
             interceptors.append(
-                BearerTokenInterceptor(transport.auth_token, on_denied=self.metrics.count_denied)
+                BearerTokenInterceptor(transport.auth_token, on_denied=self.telemetry.denied)
             )
-        interceptors.append(MalformedRequestInterceptor(self.metrics, SERVICES))
+        interceptors.append(MalformedRequestInterceptor(self.telemetry, SERVICES))
         server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
         pb_grpc.add_GeneratorServicer_to_server(
-            GeneratorServicer(self.host, self.metrics, self._engine_died, service=config.service),
+            GeneratorServicer(
+                self.host, self.telemetry, self._engine_died, service=config.service
+            ),
             server,
         )
         oip_pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
-                self.host, self.metrics, self._engine_died, service=config.service,
+                self.host, self.telemetry, self._engine_died, service=config.service,
                 is_ready=lambda: self._serving,
             ),
             server,
         )
-        server.add_generic_rpc_handlers((RefusedMethods(self.metrics),))
+        server.add_generic_rpc_handlers((RefusedMethods(self.telemetry),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
-            pool=_reflection_pool(
+        enable_reflection(
+            (*SERVICES, health.SERVICE_NAME), server,
+            _reflection_pool(
                 pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR,
                 reflection_pb2.DESCRIPTOR,
             ),
         )
         address = format_address(transport.host, transport.port)
-        credentials = _server_credentials(transport)
+        credentials = self._credentials
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(address)
@@ -212,12 +219,15 @@ class GruServer:
             raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.metrics.set_model(self.bundle.name, self.bundle.version)
+        self.metrics.set_capacity(
+            num_slots=config.scheduler.num_slots, max_queued=config.scheduler.max_queued
+        )
         self._watchdog = asyncio.create_task(self._watch_engine())
         log.info(
-            "serving %s (bundle %s) on %s (provider %s, %d slots, %s%s%s)",
-            self.bundle.name, self.bundle.version, format_address(transport.host, self.port),
-            self.provider,
-            config.scheduler.num_slots, "TLS" if credentials else "plaintext",
+            "gruserve %s serving %s (bundle %s) on %s (provider %s, %d slots, %s%s%s)",
+            __version__, self.bundle.name, self.bundle.version,
+            format_address(transport.host, self.port), self.provider, config.scheduler.num_slots,
+            "TLS" if credentials else "plaintext",
             ", mutual TLS" if transport.tls_client_ca else "",
             ", token auth" if transport.auth_token else "",
         )
@@ -306,6 +316,9 @@ class GruServer:
         for engine in engines:
             await asyncio.to_thread(engine.stop)
         self.metrics.close()
+        if self._own_provider is not None:
+            # flushes the spans still queued for export
+            await asyncio.to_thread(self._own_provider.shutdown)
         log.info("stopped")
 
     async def wait(self) -> None:

@@ -15,11 +15,11 @@ from google.protobuf.message import DecodeError
 from gruserve.v1 import gruserve_pb2 as pb
 from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
-from . import convert
+from . import convert, logs
 from .errors import InvalidRequestError, RequestError
-from .metrics import ServiceMetrics
 from .requests import Request
 from .rpc import RpcScope, ServicerBase, all_results, loggable_id
+from .telemetry import RpcTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -27,29 +27,41 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name
 
 
 class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
-    def _prepare(self, scope: RpcScope, message: pb.GenerateRequest, stream: bool) -> Request:
-        if message.request_id:
-            scope.request_ids.append(loggable_id(message.request_id))
-        request = convert.engine_request(scope.engine, message, stream=stream)
-        if not message.request_id:
+    service_name = SERVICE_NAME
+
+    def _prepare(
+        self, scope: RpcScope, message: pb.GenerateRequest, stream: bool, *, single: bool
+    ) -> Request:
+        """The message as an engine request. In a single-request RPC, a message without a
+        request_id takes the caller's x-request-id."""
+        request_id = message.request_id
+        if not request_id and single and scope.record.header_id:
+            request_id = scope.record.header_id
+        if request_id:
+            scope.request_ids.append(loggable_id(request_id))
+        request = convert.engine_request(
+            scope.engine, message, stream=stream, request_id=request_id
+        )
+        if not request_id:
             scope.request_ids.append(request.client_id)
+        logs.set_request_id(scope.ids())
         return request
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         async with self._guard("Generate", context) as scope:
-            handle = self._submit(scope, self._prepare(scope, request, stream=False))
-            output = self._finished(await handle.result())
+            handle = self._submit(scope, self._prepare(scope, request, False, single=True))
+            output = self._finished(scope, await handle.result())
             return convert.generate_response(output, scope.engine.info)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         async with self._guard("GenerateStream", context) as scope:
-            handle = self._submit(scope, self._prepare(scope, request, stream=True))
+            handle = self._submit(scope, self._prepare(scope, request, True, single=True))
             first = True
             # each chunk takes everything produced since the last write: a slow reader gets
             # bigger chunks instead of a growing backlog of one-token messages
             async for delta in handle.chunks(**self.stream_flush):
                 if delta.finished:
-                    self._finished(delta)
+                    self._finished(scope, delta)
                 await context.write(convert.stream_response(delta, scope.engine.info, first=first))
                 first = False
 
@@ -65,7 +77,7 @@ class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
             prepared = []
             for index, message in enumerate(request.requests):
                 try:
-                    prepared.append(self._prepare(scope, message, stream=False))
+                    prepared.append(self._prepare(scope, message, False, single=False))
                 except RequestError as exc:
                     raise exc.with_prefix(f"requests[{index}].") from None
             ids = [r.client_id for r in prepared]
@@ -75,7 +87,7 @@ class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
             outputs = await all_results(handles)
             return pb.GenerateBatchResponse(
                 responses=[
-                    convert.generate_response(self._finished(o), scope.engine.info)
+                    convert.generate_response(self._finished(scope, o), scope.engine.info)
                     for o in outputs
                 ]
             )
@@ -99,8 +111,8 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     `services` whose bytes are not a valid message (corrupt wire format, invalid UTF-8),
     unary or on a bidirectional stream."""
 
-    def __init__(self, metrics: ServiceMetrics, services: tuple[str, ...] = (SERVICE_NAME,)):
-        self.metrics = metrics
+    def __init__(self, telemetry: RpcTelemetry, services: tuple[str, ...] = (SERVICE_NAME,)):
+        self.telemetry = telemetry
         self.prefixes = tuple(f"/{name}/" for name in services)
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -123,7 +135,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 return _Malformed(exc)
 
         async def refuse(request: _Malformed, context: grpc.aio.ServicerContext):
-            self.metrics.requests.labels(rpc=rpc, code="INVALID_ARGUMENT").inc()
+            self.telemetry.end(
+                self.telemetry.begin_call(method, context), grpc.StatusCode.INVALID_ARGUMENT
+            )
             log.debug("%s: unparsable request (%s)", rpc, request.error)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {rpc} request message"

@@ -25,7 +25,7 @@ WAIT_S = 30.0  # the longest any test waits for a condition; reaching it is a fa
 
 
 class ServerThread:
-    def __init__(self, bundle_dir, **config) -> None:
+    def __init__(self, bundle_dir, *, tracer_provider=None, **config) -> None:
         config.setdefault("port", 0)
         config.setdefault("num_slots", 32)
         config.setdefault("device", "cpu")
@@ -35,6 +35,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: GruServer | None = None
+        self.tracer_provider = tracer_provider
 
     def call(self, coro, timeout: float = 60.0):
         """Runs a coroutine on the server's loop and waits for its result."""
@@ -44,7 +45,7 @@ class ServerThread:
         """Builds the server (sessions, engine) without starting it."""
         if not self.thread.is_alive():
             self.thread.start()
-        self.server = GruServer(self.bundle, self.config)
+        self.server = GruServer(self.bundle, self.config, tracer_provider=self.tracer_provider)
         return self
 
     def start(self) -> ServerThread:
@@ -73,6 +74,7 @@ class ServerThread:
 
 @contextmanager
 def running_server(bundle_dir, **config):
+    """A started ServerThread (config: ServerConfig settings by name, or tracer_provider)."""
     server = ServerThread(bundle_dir, **config).start()
     try:
         yield server

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,23 @@ def test_evaluate_prints_a_table_or_json(tiny_checkpoint, tmp_path, capsys):
     assert main([*args, "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0 <= metrics["fmr"] <= 1 and metrics["perplexity"] > 1
+
+
+def test_serve_given_a_checkpoint_says_so_and_how_to_export_it(capsys):
+    # the demo model's own checkpoint, kept in the repository (torch is not needed to tell)
+    checkpoint_path = Path(__file__).resolve().parent.parent / "runtime/demo_model/checkpoint.pt"
+    assert checkpoint_path.is_file()
+    assert main(["serve", str(checkpoint_path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "training checkpoint" in err
+    assert f"gruserve export {checkpoint_path} --out" in err
+
+
+def test_a_bad_stop_id_list_names_the_flag_and_the_item(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--user", "u", "--item", "i", "--stop-ids", "1,x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --stop-ids: not a comma-separated list of token ids: 'x'" in err
+    assert "<lambda>" not in err

@@ -8,7 +8,11 @@ import pytest
 from gruserve.runtime.bundle import ModelInfo
 from gruserve.runtime.config import SchedulerConfig
 from gruserve.runtime.errors import InvalidRequestError, NotFoundError
-from gruserve.runtime.request_builder import MAX_REQUEST_ID_LEN, RequestBuilder
+from gruserve.runtime.request_builder import (
+    MAX_ENTITY_ID_LEN,
+    MAX_REQUEST_ID_LEN,
+    RequestBuilder,
+)
 from gruserve.runtime.requests import DecodingParams, Limits, Strategy
 from gruserve.runtime.sampler import SamplingParams, ending_tokens, suppress_token
 
@@ -54,6 +58,13 @@ def test_limits_are_computed_once_from_config_and_bundle():
          "parameters.temperature"),
         (DecodingParams(strategy=Strategy.BEAM, num_beams=9), "parameters.num_beams"),
         (DecodingParams(strategy=Strategy.BEAM, length_penalty=1e9), "parameters.length_penalty"),
+        # every parameter is checked whatever the strategy: these are all greedy requests
+        (DecodingParams(sampling=SamplingParams(top_p=1.5)), "parameters.top_p"),
+        (DecodingParams(sampling=SamplingParams(temperature=-1.0)), "parameters.temperature"),
+        (DecodingParams(num_beams=1_000_000), "parameters.num_beams"),
+        (DecodingParams(sampling=SamplingParams(top_k=1_000_000_000)), "parameters.top_k"),
+        (DecodingParams(length_penalty=1e9), "parameters.length_penalty"),
+        (DecodingParams(sampling=SamplingParams(seed=-1)), "parameters.seed"),
     ],
 )
 def test_invalid_parameters_carry_their_field_and_reason(params, field):
@@ -76,6 +87,14 @@ def test_conditioning_and_id_errors():
         (dict(user_id="u1", item_id="none"), NotFoundError, "user_item.item_id"),
         (dict(hidden_state=np.zeros(3)), InvalidRequestError, "hidden_state"),
         (dict(hidden_state=np.full(4, np.inf)), InvalidRequestError, "hidden_state"),
+        # finite but outside the GRU's range: NaN log-probs and garbage tokens if let through
+        (dict(hidden_state=np.full(4, 3e38)), InvalidRequestError, "hidden_state"),
+        (dict(hidden_state=np.full(4, -1.5)), InvalidRequestError, "hidden_state"),
+        # ids are bounded and printable: refused before any lookup, not NOT_FOUND
+        (dict(user_id="u" * (MAX_ENTITY_ID_LEN + 1), item_id="i1"), InvalidRequestError,
+         "user_item.user_id"),
+        (dict(user_id="u1", item_id="i\x001"), InvalidRequestError, "user_item.item_id"),
+        (dict(user_id="u\n1", item_id="i1"), InvalidRequestError, "user_item.user_id"),
     ]
     for kwargs, kind, field in cases:
         with pytest.raises(kind) as info:
@@ -107,6 +126,14 @@ def test_built_requests_are_resolved_and_keyed_by_the_engine():
     assert first.request_id != second.request_id
     assert (first.user_index, first.item_index) == (1, 0)
     assert first.params.max_tokens == 15 and first.params.num_beams == 1
+    beam = b.build("", DecodingParams(strategy=Strategy.BEAM), user_id="u1", item_id="i1")
+    assert beam.params.num_beams == 4  # the default
+    narrow = builder(max_beams=2).build(
+        "", DecodingParams(strategy=Strategy.BEAM), user_id="u1", item_id="i1"
+    )
+    assert narrow.params.num_beams == 2  # the default, capped at the limit
+    edge = b.build("", DecodingParams(), hidden_state=np.array([1.0, -1.0, 0.0, 0.5]))
+    assert edge.hidden_state.tolist() == [1.0, -1.0, 0.0, 0.5]  # the bound is inclusive
     sampled = b.build("", DecodingParams(strategy=Strategy.SAMPLE), user_id="u1", item_id="i1")
     assert sampled.client_id and 0 <= sampled.seed < 2**63  # a seed picked and recorded
 

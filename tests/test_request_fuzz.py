@@ -106,7 +106,7 @@ def generate_requests(draw, users, items):
         request.user_item.item_id = draw(st.one_of(st.sampled_from(items), _odd_text()))
     elif conditioning == "hidden":
         state = pick(
-            st.lists(st.floats(-3, 3, width=32), min_size=32, max_size=32).map(np.float32),
+            st.lists(st.floats(-1, 1, width=32), min_size=32, max_size=32).map(np.float32),
             _hidden_state(),
         )
         request.hidden_state.values.extend(np.asarray(state, np.float32).tolist())

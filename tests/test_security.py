@@ -16,8 +16,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gruserve.runtime import cli
 from gruserve.runtime.auth import load_token
 from gruserve.runtime.cli_config import config_from_args
-from gruserve.runtime.client import Connection, GruserveClient
+from gruserve.runtime.client import Connection, GruserveClient, build_request
+from gruserve.runtime.config import ConfigError, TransportConfig
 from gruserve.runtime.server import ServerConfig
+from gruserve.runtime.tls import server_credentials
 
 from .serving import ServerThread, running_server
 
@@ -271,3 +273,73 @@ def test_binds_loopback_unless_told_otherwise(synthetic_bundle_dir):
             with pytest.raises(OSError):
                 socket.create_connection((address, port), timeout=2).close()
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.parametrize("header", [f"bearer {TOKEN}", f"BEARER {TOKEN}", f"Bearer   {TOKEN}"])
+def test_the_bearer_scheme_is_case_insensitive(token_server, pair, header):
+    """RFC 7235: auth schemes are case-insensitive (and the token may follow several
+    spaces)."""
+    with GruserveClient(token_server.target) as client:
+        request = build_request(**pair)
+        reply = client.stub.Generate(request, timeout=10, metadata=(("authorization", header),))
+        assert reply.token_ids
+
+
+@pytest.mark.parametrize("header", [f"Basic {TOKEN}", f"bearer{TOKEN}", "bearer wrong", TOKEN])
+def test_other_schemes_and_wrong_tokens_stay_refused(token_server, pair, header):
+    with GruserveClient(token_server.target) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.stub.Generate(
+                build_request(**pair), timeout=10, metadata=(("authorization", header),)
+            )
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _transport(certs: Path, **files: str) -> TransportConfig:
+    paths = dict(tls_cert="server.pem", tls_key="server.key") | files
+    return TransportConfig(**{k: str(certs / v) for k, v in paths.items()})
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (dict(tls_cert="garbage.pem"), "--tls-cert: {d}/garbage.pem holds no valid PEM cert"),
+        (dict(tls_cert="server.key"), "--tls-cert: {d}/server.key holds no valid PEM cert"),
+        (dict(tls_key="garbage.pem"), "--tls-key: {d}/garbage.pem holds no valid PEM private"),
+        (dict(tls_key="client.key"),
+         "--tls-key: {d}/client.key is not the key of the certificate {d}/server.pem"),
+        (dict(tls_key="missing.key"), "--tls-key: cannot read {d}/missing.key: No such file"),
+        (dict(tls_client_ca="garbage.pem"),
+         "--tls-client-ca: {d}/garbage.pem holds no valid PEM CA certificate"),
+    ],
+)
+def test_a_bad_certificate_or_key_is_named_with_its_file(certs, files, message):
+    (certs / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    with pytest.raises(ConfigError) as info:
+        server_credentials(_transport(certs, **files))
+    assert str(info.value).startswith(message.format(d=certs)), str(info.value)
+
+
+def test_serve_reports_a_bad_key_in_one_line(synthetic_bundle_dir, certs, capsys):
+    argv = ["serve", str(synthetic_bundle_dir), "--port", "0", "--device", "cpu", "--no-warmup",
+            "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "client.key")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "client.key is not the key of the certificate" in err
+    assert "cannot bind" not in err
+
+
+def test_a_busy_metrics_port_names_the_address(synthetic_bundle_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServerThread(synthetic_bundle_dir, metrics_port=port, warmup=False).create()
+        try:
+            with pytest.raises(OSError) as info:
+                server.call(server.server.start())
+        finally:
+            server.stop()
+    message = str(info.value)
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in message
+    assert "--metrics-port" in message and "in use" in message

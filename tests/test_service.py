@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+import gruserve
 from gruserve.runtime import cli
 from gruserve.runtime.client import AsyncGruserveClient, GruserveClient, build_request
 from gruserve.v1 import gruserve_pb2 as pb
@@ -222,6 +223,7 @@ def test_model_info(client, synthetic_bundle):
     assert info.max_batch_requests == 64
     assert info.max_request_bytes == 4 << 20
     assert info.precision
+    assert info.server_version == gruserve.__version__
 
 
 def test_health_and_reflection(server, client):
@@ -264,6 +266,14 @@ INVALID = {
     "negative stop id": (dict(stop_token_ids=[-1]), "parameters.stop_token_ids"),
     "empty user id": (dict(user=""), "user_item.user_id"),
     "empty item id": (dict(item=""), "user_item.item_id"),
+    # checked whatever the strategy: each of these is a greedy request
+    "greedy, top_p over 1": (dict(top_p=1.5), "parameters.top_p"),
+    "greedy, negative temperature": (dict(temperature=-1.0), "parameters.temperature"),
+    "greedy, a million beams": (dict(num_beams=1_000_000), "parameters.num_beams"),
+    "greedy, top_k a billion": (dict(top_k=1_000_000_000), "parameters.top_k"),
+    "greedy, huge length_penalty": (dict(length_penalty=1e9), "parameters.length_penalty"),
+    "long user id": (dict(user="u" * 1_000_000), "user_item.user_id"),
+    "item id with a NUL": (dict(item="i\x00"), "user_item.item_id"),
     "long request id": (dict(request_id="r" * 129), "request_id"),
     "request id with a newline": (dict(request_id="a\nforged log line"), "request_id"),
 }
@@ -272,6 +282,7 @@ INVALID_STATE = {
     "long hidden state": ([0.0] * (STATE_SIZE + 1), "hidden_state"),
     "NaN in hidden state": ([0.0] * (STATE_SIZE - 1) + [NAN], "hidden_state"),
     "inf in hidden state": ([math.inf] * STATE_SIZE, "hidden_state"),
+    "huge finite hidden state": ([3e38] * STATE_SIZE, "hidden_state"),
 }
 
 
@@ -326,10 +337,11 @@ def test_unknown_ids_are_not_found(client, pair):
     error = _error(client.generate_batch, [pair, dict(pair, user="nobody")])
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert error.details().startswith("requests[1]: ")
-    # an enormous id is refused with short details (trailers have a size limit)
-    error = _error(client.generate, **dict(pair, user="u" * 100_000))
+    # an unknown id at the length limit is refused with short details (trailers have a
+    # size limit)
+    error = _error(client.generate, **dict(pair, user="u" * 256))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert len(error.details()) < 1000
+    assert len(error.details()) < 400
 
 
 def test_oversized_messages_are_resource_exhausted(client, pair):

@@ -4,7 +4,10 @@ and the --data resolution. Every model here is real and tiny, trained for a seco
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -17,7 +20,7 @@ from gruserve.export.checkpoint import load_checkpoint
 from gruserve.export.config import ModelConfig
 from gruserve.export.model import NRT, nrt_loss, sentence_format
 from gruserve.export.synthetic import SyntheticSpec, make_synthetic_corpus
-from gruserve.export.train import TrainConfig, train
+from gruserve.export.train import TrainConfig, TrainingError, train
 
 PAD, BOS, EOS = 2, 0, 1
 SMALL_SPEC = SyntheticSpec(seed=5, num_users=20, num_items=15, num_reviews=240)
@@ -222,6 +225,23 @@ def test_early_stopping_counter_survives_resume(tmp_path, small_corpus, monkeypa
     assert best.epoch == 2 and load_checkpoint(tmp_path / "best.pt").epoch == 2
 
 
+def test_resuming_an_early_stopped_run_says_what_to_raise(tmp_path, small_corpus, monkeypatch):
+    _scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 2.6, 1.5, 1.4, 1.6, 1.7, 1.8])
+    config = dataclasses.replace(FAST, max_epochs=10, patience=2)
+    train(small_corpus, config, tmp_path)  # stops after epoch 4: 2 epochs without improvement
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last.epoch == 4
+    longer = dataclasses.replace(config, max_epochs=40)
+    with pytest.raises(TrainingError, match=r"stopped early.*resume with --patience 3 or more"):
+        train(small_corpus, longer, tmp_path, resume=last)
+    # raising the patience, as the message says, trains on (and finds the better epochs)
+    best, history = train(
+        small_corpus, dataclasses.replace(longer, patience=3), tmp_path, resume=last
+    )
+    assert [h.epoch for h in history] == list(range(1, 10))  # then 3 stale epochs: stop
+    assert best.epoch == 6
+
+
 def test_resume_into_a_new_directory_writes_the_best(tmp_path, small_corpus, monkeypatch):
     _scripted_validation(monkeypatch, [3.0, 2.0, 2.5, 2.6])
     config = dataclasses.replace(FAST, max_epochs=10, patience=2)
@@ -243,6 +263,42 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path, small_corpus)
     assert not _same_weights(a.state_dict, c.state_dict)
 
 
+_TRAIN_IN_A_FRESH_PROCESS = """
+import hashlib, sys, tempfile
+from gruserve.export.synthetic import SyntheticSpec, make_synthetic_corpus
+from gruserve.export.train import TrainConfig, train
+spec = SyntheticSpec(seed=5, num_users=20, num_items=15, num_reviews=240)
+config = TrainConfig(emsize=8, hidden_size=16, mlp_layers=1, batch_size=16, lr=1e-2,
+                     max_epochs=2, seed=0, num_threads=int(sys.argv[1]))
+with tempfile.TemporaryDirectory() as out:
+    best, _ = train(make_synthetic_corpus(spec), config, out)
+digest = hashlib.sha256()
+for name, tensor in sorted(best.state_dict.items()):
+    digest.update(name.encode() + tensor.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def _weights_digest(threads: int, **env: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", _TRAIN_IN_A_FRESH_PROCESS, str(threads)],
+        capture_output=True, text=True, timeout=300, check=True, env={**os.environ, **env},
+    )
+    return out.stdout.strip()
+
+
+def test_training_is_reproducible_across_processes_and_thread_counts():
+    """Same seed, same machine: the same weights, bit for bit, from fresh interpreters
+    (whose string hashing differs) and with 1 or 2 torch threads. What does change them is
+    the CPU kernels torch picks for the machine (ATEN_CPU_CAPABILITY here stands in for a
+    CPU of another kind), which is why figures differ between machines
+    (docs/training.md, "Reproducibility")."""
+    reference = _weights_digest(1, PYTHONHASHSEED="1")
+    assert _weights_digest(2, PYTHONHASHSEED="2") == reference
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert _weights_digest(1, ATEN_CPU_CAPABILITY="default") != reference
+
+
 def test_config_validation_and_round_trip():
     assert TrainConfig.from_dict(FAST.to_dict() | {"from_the_future": 1}) == FAST
     with pytest.raises(ValueError, match="device"):
@@ -253,8 +309,25 @@ def test_config_validation_and_round_trip():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_without_cuda_is_a_clear_error(tmp_path, small_corpus):
-    with pytest.raises(RuntimeError, match="cuda"):
-        train(small_corpus, dataclasses.replace(FAST, device="cuda"), tmp_path)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(TrainingError, match=f"--device {device}: .*use --device cpu"):
+            train(small_corpus, dataclasses.replace(FAST, device=device), tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_train_cli_takes_cuda_n_and_refuses_cuda_without_a_traceback(tmp_path, capsys):
+    from gruserve.runtime.cli import main
+
+    argv = ["train", "--out", str(tmp_path), "--max-epochs", "1", "--emsize", "8",
+            "--hidden-size", "8"]
+    for device in ("cuda", "cuda:1"):  # parsed (docs/training.md promises cuda:N), then
+        assert main([*argv, "--device", device]) == 2  # refused: no CUDA here
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--device {device}: " in err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--device", "gpu"])
+    assert exit_info.value.code == 2
+    assert "not a device: 'gpu' (cpu, cuda or cuda:N)" in capsys.readouterr().err
 
 
 def test_build_demo_checkpoint_api(tmp_path):

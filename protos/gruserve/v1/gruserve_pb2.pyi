@@ -144,7 +144,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "embedding_size", "hidden_size", "num_layers", "num_users", "num_items", "min_rating", "max_rating", "bos_id", "eos_id", "pad_id", "unk_id", "default_max_tokens", "provider", "max_slots", "max_queued", "sampling_top_k", "max_batch_requests", "precision", "max_tokens", "max_beams", "max_stop_tokens", "accepts_hidden_state", "max_request_bytes", "bundle_version")
+    __slots__ = ("model_name", "vocab_size", "embedding_size", "hidden_size", "num_layers", "num_users", "num_items", "min_rating", "max_rating", "bos_id", "eos_id", "pad_id", "unk_id", "default_max_tokens", "provider", "max_slots", "max_queued", "sampling_top_k", "max_batch_requests", "precision", "max_tokens", "max_beams", "max_stop_tokens", "accepts_hidden_state", "max_request_bytes", "bundle_version", "server_version")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class GetModelInfoResponse(_message.Message):
     ACCEPTS_HIDDEN_STATE_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     embedding_size: int
@@ -197,4 +198,5 @@ class GetModelInfoResponse(_message.Message):
     accepts_hidden_state: bool
     max_request_bytes: int
     bundle_version: str
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., embedding_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_users: _Optional[int] = ..., num_items: _Optional[int] = ..., min_rating: _Optional[float] = ..., max_rating: _Optional[float] = ..., bos_id: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., unk_id: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., provider: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_queued: _Optional[int] = ..., sampling_top_k: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., precision: _Optional[str] = ..., max_tokens: _Optional[int] = ..., max_beams: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., accepts_hidden_state: _Optional[bool] = ..., max_request_bytes: _Optional[int] = ..., bundle_version: _Optional[str] = ...) -> None: ...
+    server_version: str
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., embedding_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_users: _Optional[int] = ..., num_items: _Optional[int] = ..., min_rating: _Optional[float] = ..., max_rating: _Optional[float] = ..., bos_id: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., unk_id: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., provider: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_queued: _Optional[int] = ..., sampling_top_k: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., precision: _Optional[str] = ..., max_tokens: _Optional[int] = ..., max_beams: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., accepts_hidden_state: _Optional[bool] = ..., max_request_bytes: _Optional[int] = ..., bundle_version: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
