@@ -301,6 +301,56 @@ def test_streaming_deltas_add_up_to_the_unary_result(runner, info):
     assert deltas[0].predicted_rating == pytest.approx(unary.predicted_rating)
 
 
+def test_stream_chunks_hold_tokens_but_never_the_first_or_the_last(runner, info):
+    """A hold of 1000 s: were the first or the final chunk held, the test would hit its
+    bound (TIMEOUT_S) instead of finishing."""
+    params = DecodingParams(min_tokens=12, max_tokens=12, return_logprobs=True)
+
+    async def main():
+        async with started(runner, info) as engine:
+            unary = await submit(engine, info, "u", 6, params).result()
+            with StepGate(engine) as gate:
+                handle = submit(engine, info, "s", 6, params, stream=True)
+                chunks = handle.chunks(hold_s=1000.0, enough_tokens=4)
+                gate.allow(1)
+                first = await chunks.__anext__()  # one step ran: out at once
+                gate.open()
+                rest = [chunk async for chunk in chunks]
+            return unary, first, rest
+
+    unary, first, rest = run(main())
+    assert len(first.new_token_ids) == 1 and not first.finished
+    assert rest[-1].finished
+    assert all(len(c.new_token_ids) >= 4 for c in rest[:-1])
+    chunks = [first, *rest]
+    assert [t for c in chunks for t in c.new_token_ids] == unary.token_ids
+    assert [x for c in chunks for x in c.new_logprobs] == pytest.approx(unary.logprobs)
+
+
+def test_coalesced_streams_lose_and_reorder_nothing(runner, info):
+    requests = [r for r in mixed_requests(info) if r[2].strategy is not Strategy.BEAM][:12]
+
+    async def main():
+        async with started(runner, info) as engine:
+            solo = await one_at_a_time(engine, info, requests)
+            rounds = []
+            for hold_s, enough in ((0.002, 3), (0.0005, 1), (0.05, 100)):
+                handles = [submit(engine, info, rid, i, p, stream=True, **extra)
+                           for rid, i, p, extra in requests]
+
+                async def collect(handle, hold_s=hold_s, enough=enough):
+                    return [c async for c in handle.chunks(hold_s=hold_s, enough_tokens=enough)]
+
+                rounds.append(await asyncio.gather(*(collect(h) for h in handles)))
+            return solo, rounds
+
+    solo, rounds = run(main())
+    for streams in rounds:
+        for (rid, *_), chunks in zip(requests, streams, strict=True):
+            assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
+            assert [t for c in chunks for t in c.new_token_ids] == solo[rid].token_ids, rid
+
+
 def test_queue_full_raises(runner, info):
     gate, entered = threading.Event(), threading.Event()
 

@@ -179,6 +179,22 @@ def test_stream_coalesces_tokens_for_a_slow_reader(server, client, pair, monkeyp
     assert chunks[0].HasField("predicted_rating")
 
 
+def test_stream_flush_policy_sends_fewer_messages_and_the_same_tokens(synthetic_bundle_dir, pair):
+    """--stream-hold-ms: later chunks hold until 4 tokens wait (the hold, 10 s, is far
+    longer than the request: only the token count or the end releases them)."""
+    with running_server(synthetic_bundle_dir, stream_hold_ms=10_000,
+                        stream_chunk_tokens=4) as s:
+        with GruserveClient(s.target) as c:
+            unary = c.generate(**pair, max_tokens=30, min_tokens=30)
+            chunks = list(c.stream(**pair, max_tokens=30, min_tokens=30))
+    assert len(chunks[0].token_ids) >= 1 and chunks[0].HasField("predicted_rating")
+    assert all(len(ch.token_ids) >= 4 for ch in chunks[1:-1])
+    assert len(chunks) <= 2 + 29 // 4
+    assert [t for ch in chunks for t in ch.token_ids] == list(unary.token_ids)
+    assert "".join(ch.text for ch in chunks) == unary.text
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
 def test_batch_answers_in_order(client, pairs, synthetic_bundle):
     state = [0.1] * (synthetic_bundle.num_layers * synthetic_bundle.hidden_size)
     requests = [
