@@ -287,7 +287,9 @@ def main(argv: list[str]) -> int:
         model = load_bundle(bundle).name
         cmd = [sys.executable, "-m", "gruserve.runtime", "--log-level", "WARNING", "serve",
                str(bundle), "--port", "0", "--device", args.device, "--threads",
-               str(args.threads), "--num-slots", "256", "--grace", "2"]
+               str(args.threads), "--num-slots", "256", "--grace", "2",
+               # both protocols decode: a replayed answer would measure the cache instead
+               "--cache-size", "0"]
         results = []
         with launched("gruserve", cmd, work / "server.log") as (target, pid):
             meta["parity"] = parity(target, model, users, items)

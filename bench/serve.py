@@ -187,7 +187,9 @@ def start_servers(stack, servers: set[str], model, work: Path, args) -> dict[str
         port = free_port()
         cmd = [py, "-m", "gruserve.runtime", "--log-level", "WARNING", "serve", str(model.bundle),
                "--port", "0", "--device", "cpu", "--threads", threads, "--num-slots", "256",
-               "--grace", "2", "--metrics-port", str(port)]
+               "--grace", "2", "--metrics-port", str(port),
+               # the engine is measured: repeated pairs must be decoded, not replayed
+               "--cache-size", "0"]
         address, pid = stack.enter_context(launched("gruserve", cmd, work / "gruserve.log"))
         out["gruserve"] = Server(address, pid, f"http://127.0.0.1:{port}/metrics")
     if "triton" in servers:

@@ -200,7 +200,8 @@ def test_open_loop_latency_counts_from_the_scheduled_time():
 
 @pytest.fixture(scope="module")
 def server(synthetic_bundle_dir):
-    with running_server(synthetic_bundle_dir, metrics_port=0) as s:
+    # no result cache: the harness's repeated pairs must reach the engine to be counted
+    with running_server(synthetic_bundle_dir, metrics_port=0, cache_size=0) as s:
         yield s
 
 
