@@ -82,6 +82,10 @@ class Bundle:
     pool_dtype: str = "float32"
     # the manifest's sha256: it hashes every other file, so it names this exact bundle
     manifest_sha256: str = ""
+    # the encoder's embedding rows an unknown user / item is conditioned on (one extra row
+    # per table, written at export); None in bundles exported without them
+    fallback_user: int | None = None
+    fallback_item: int | None = None
 
     @property
     def name(self) -> str:
@@ -227,6 +231,24 @@ def _not_a_directory(path: Path) -> str:
     return f"{path} is a file: a bundle is a directory with a {MANIFEST}"
 
 
+def _fallback_rows(manifest_path: Path, manifest: dict, num_users: int, num_items: int):
+    """(user row, item row) of the fallback embeddings, or (None, None) without them. A
+    fallback row comes after the known entities' rows: it can never stand for a known id."""
+    entry = manifest.get("fallback_entities")
+    if entry is None:
+        return None, None
+    rows = []
+    for side, known in (("user", num_users), ("item", num_items)):
+        row = entry.get(side) if isinstance(entry, dict) else None
+        if type(row) is not int or row < known:
+            raise BundleError(
+                f"{manifest_path}: fallback_entities.{side} must be an embedding row after "
+                f"the {known} known {side}s, got {row!r}"
+            )
+        rows.append(row)
+    return tuple(rows)
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Reads and checks a bundle directory (hashes included); raises BundleError."""
     root = Path(path)
@@ -279,6 +301,9 @@ def load_bundle(path: str | Path) -> Bundle:
         or not all(isinstance(entities[k], list) for k in ("users", "items"))
     ):
         raise BundleError(f"{entities_path}: needs 'users' and 'items' lists")
+    fallback_user, fallback_item = _fallback_rows(
+        manifest_path, manifest, len(entities["users"]), len(entities["items"])
+    )
     return Bundle(
         path=root,
         manifest=manifest,
@@ -290,6 +315,8 @@ def load_bundle(path: str | Path) -> Bundle:
         special_ids=special_ids,
         pool_dtype=pool_dtype,
         manifest_sha256=sha256_file(manifest_path),
+        fallback_user=fallback_user,
+        fallback_item=fallback_item,
     )
 
 
@@ -309,6 +336,9 @@ class ModelInfo:
     hidden_size: int
     num_layers: int
     model_config: dict = field(default_factory=dict)
+    # embedding rows for unknown users / items (Bundle.fallback_*); None: the bundle has none
+    fallback_user: int | None = None
+    fallback_item: int | None = None
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> ModelInfo:
@@ -322,7 +352,13 @@ class ModelInfo:
             hidden_size=bundle.hidden_size,
             num_layers=bundle.num_layers,
             model_config=dict(bundle.model_config),
+            fallback_user=bundle.fallback_user,
+            fallback_item=bundle.fallback_item,
         )
+
+    @property
+    def has_fallbacks(self) -> bool:
+        return self.fallback_user is not None and self.fallback_item is not None
 
     @property
     def max_len(self) -> int:

@@ -1,4 +1,4 @@
-"""`gruserve` command line: serve, generate, info (runtime) and train, export, verify,
+"""`gruserve` command line: serve, generate, rank, info (runtime) and train, export, verify,
 evaluate (the export extra). Runtime commands never import torch."""
 
 from __future__ import annotations
@@ -54,6 +54,16 @@ def _parse_floats(text: str, name: str) -> list[float]:
         raise ValueError(f"{name}: {exc}") from None
 
 
+def _decoding(args: argparse.Namespace) -> dict:
+    """build_request's decoding arguments from add_decoding_args' flags."""
+    return dict(
+        strategy=args.strategy, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        num_beams=args.num_beams, length_penalty=args.length_penalty,
+        stop_token_ids=args.stop_ids, return_logprobs=args.logprobs,
+    )
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -67,10 +77,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("gruserve generate: give --user and --item, or --hidden-state")
     request = dict(
         user=args.user, item=args.item, hidden_state=hidden, request_id=args.request_id,
-        strategy=args.strategy, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        num_beams=args.num_beams, length_penalty=args.length_penalty,
-        stop_token_ids=args.stop_ids, return_logprobs=args.logprobs,
+        **_decoding(args),
     )
     try:
         with GruserveClient(connection_from_args(args), timeout=args.timeout) as client:
@@ -130,6 +137,56 @@ def _finish_name(value: int) -> str:
     return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
 
 
+def _read_item_ids(path: str) -> list[str]:
+    """One item id per line ('-': stdin); blank lines and # comments are skipped."""
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as exc:
+            raise OSError(f"--items {path}: {exc.strerror or exc}") from None
+    ids = [line.strip() for line in lines]
+    ids = [i for i in ids if i and not i.startswith("#")]
+    if not ids:
+        raise ValueError(f"--items {path}: no item ids in it (one per line)")
+    return ids
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from .client import GruserveClient
+
+    items = _read_item_ids(args.items)
+    try:
+        with GruserveClient(connection_from_args(args), timeout=args.timeout) as client:
+            ranked = client.rank_and_explain(args.user, items, top=args.top, **_decoding(args))
+    except grpc.RpcError as exc:
+        print(f"gruserve rank: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([
+            {"rank": n, "item_id": r.item_id, "rating": r.rating,
+             "user_fallback": r.user_fallback, "item_fallback": r.item_fallback,
+             "explanation": MessageToDict(r.explanation)}
+            for n, r in enumerate(ranked, 1)
+        ], indent=2))
+        return 0
+    print(f"user {args.user}: the top {len(ranked)} of {len(items)} candidate items")
+    if ranked and ranked[0].user_fallback:
+        print("(unknown user: rated and explained on the fallback embedding)")
+    width = max(len(r.item_id) for r in ranked)
+    for n, r in enumerate(ranked, 1):
+        notes = [w for w, on in (("unknown item", r.item_fallback),
+                                 ("cached", r.explanation.cached)) if on]
+        suffix = f"  ({', '.join(notes)})" if notes else ""
+        print(f"{n:>3}. {r.item_id:<{width}}  {r.rating:5.2f}  {r.explanation.text}{suffix}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -146,6 +203,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     fields = MessageToDict(info, always_print_fields_with_no_presence=True)
     print(json.dumps({"health": status, **fields}, indent=2))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_args(p)
     add_connection_args(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "rank", help="rank candidate items for a user and explain the best",
+        description="Rate every candidate item for a user (PredictRatings), keep the --top "
+        "best and explain them with a tip each (GenerateBatch). Prints them best first.",
+    )
+    p.add_argument("--user", required=True, help="user external id")
+    p.add_argument("--items", required=True, metavar="FILE",
+                   help="candidate item ids, one per line ('-' reads stdin; # comments)")
+    p.add_argument("--top", type=_positive_int, default=5,
+                   help="how many of the best to explain (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_decoding_args(p)
+    add_connection_args(p)
+    p.set_defaults(func=_cmd_rank)
 
     p = sub.add_parser("info", help="show a server's model info and health")
     add_connection_args(p)

@@ -9,6 +9,10 @@ the load-test harness.
         async for chunk in client.stream(user="u1", item="i7", strategy="sample", seed=3):
             print(chunk.text, end="")
 
+    with GruserveClient("127.0.0.1:50051") as client:  # rank, then explain the best
+        for ranked in client.rank_and_explain("u1", candidate_items, top=5):
+            print(ranked.item_id, ranked.rating, ranked.explanation.text)
+
 A target may name several replicas (`"10.0.0.5:50051,10.0.0.6:50051"`, or
 `"dns:///gruserve-headless:50051"` for a Kubernetes headless Service): calls are spread
 round-robin, and an idempotent call (greedy, beam, seeded sampling) that meets UNAVAILABLE
@@ -158,6 +162,52 @@ def as_request(request: pb.GenerateRequest | Mapping[str, Any]) -> pb.GenerateRe
     return build_request(**request)
 
 
+def build_ratings_request(
+    *,
+    user: str | None = None,
+    items: Sequence[str] = (),
+    pairs: Sequence[tuple[str, str]] = (),
+    top_k: int = 0,
+    request_id: str = "",
+) -> pb.PredictRatingsRequest:
+    """A PredictRatingsRequest: one user and its candidate items, or (user, item) pairs."""
+    return pb.PredictRatingsRequest(
+        request_id=request_id, user_id=user or "", item_ids=list(items),
+        pairs=[pb.UserItem(user_id=u, item_id=i) for u, i in pairs], top_k=top_k,
+    )
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    """One of the top items for a user: its predicted rating and its explanation."""
+
+    item_id: str
+    rating: float
+    explanation: pb.GenerateResponse
+    user_fallback: bool = False  # the user (item) was unknown: rated on the fallback
+    item_fallback: bool = False
+
+
+def _top_requests(user: str, ratings: pb.PredictRatingsResponse, decoding: dict) -> list:
+    return [build_request(user=user, item=item, **decoding) for item in ratings.item_ids]
+
+
+def _ranked(ratings: pb.PredictRatingsResponse, explanations: list) -> list[RankedItem]:
+    n = len(ratings.item_ids)
+    # the fallback flags are sent only when some pair used a fallback
+    user_fallback = list(ratings.user_fallback) or [False] * n
+    item_fallback = list(ratings.item_fallback) or [False] * n
+    return [
+        RankedItem(ratings.item_ids[i], ratings.ratings[i], explanations[i],
+                   user_fallback=user_fallback[i], item_fallback=item_fallback[i])
+        for i in range(n)
+    ]
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def _status_name(reply: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
@@ -248,6 +298,29 @@ class GruserveClient(_StubChoice):
         batch = pb.GenerateBatchRequest(requests=[as_request(r) for r in requests])
         return self._stub_for(*batch.requests).GenerateBatch(batch, **self._kw(timeout))
 
+    def predict_ratings(self, timeout: float | None = None, **kwargs) -> pb.PredictRatingsResponse:
+        """PredictRatings; kwargs are build_ratings_request's (user + items, or pairs)."""
+        return self.stub.PredictRatings(build_ratings_request(**kwargs), **self._kw(timeout))
+
+    def rank_and_explain(
+        self, user: str, items: Sequence[str], top: int = 5, timeout: float | None = None,
+        **decoding,
+    ) -> list[RankedItem]:
+        """Rates the candidate items for the user, keeps the `top` best and explains them
+        with GenerateBatch (in calls of the server's max_batch_requests); best first.
+        `decoding` takes build_request's decoding arguments (strategy, max_tokens, ...)."""
+        if top < 1:
+            raise ValueError(f"top must be at least 1, got {top}")
+        ratings = self.predict_ratings(user=user, items=items, top_k=top, timeout=timeout)
+        requests = _top_requests(user, ratings, decoding)
+        limit = self.model_info(timeout).max_batch_requests or len(requests)
+        explanations = [
+            response
+            for chunk in _chunks(requests, limit)
+            for response in self.generate_batch(chunk, timeout).responses
+        ]
+        return _ranked(ratings, explanations)
+
     def model_info(self, timeout: float | None = None) -> pb.GetModelInfoResponse:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout))
 
@@ -328,6 +401,28 @@ class AsyncGruserveClient(_StubChoice):
     ) -> pb.GenerateBatchResponse:
         batch = pb.GenerateBatchRequest(requests=[as_request(r) for r in requests])
         return await self._stub_for(*batch.requests).GenerateBatch(batch, **self._kw(timeout))
+
+    async def predict_ratings(
+        self, timeout: float | None = None, **kwargs
+    ) -> pb.PredictRatingsResponse:
+        return await self.stub.PredictRatings(
+            build_ratings_request(**kwargs), **self._kw(timeout)
+        )
+
+    async def rank_and_explain(
+        self, user: str, items: Sequence[str], top: int = 5, timeout: float | None = None,
+        **decoding,
+    ) -> list[RankedItem]:
+        """As GruserveClient.rank_and_explain; the GenerateBatch calls run concurrently."""
+        if top < 1:
+            raise ValueError(f"top must be at least 1, got {top}")
+        ratings = await self.predict_ratings(user=user, items=items, top_k=top, timeout=timeout)
+        requests = _top_requests(user, ratings, decoding)
+        limit = (await self.model_info(timeout)).max_batch_requests or len(requests)
+        batches = await asyncio.gather(
+            *(self.generate_batch(chunk, timeout) for chunk in _chunks(requests, limit))
+        )
+        return _ranked(ratings, [r for batch in batches for r in batch.responses])
 
     async def model_info(self, timeout: float | None = None) -> pb.GetModelInfoResponse:
         return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout))

@@ -182,6 +182,39 @@ class ServiceConfig:
         _check_bounds(self)
 
 
+UNKNOWN_ENTITIES = ("error", "fallback")
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    """The recommender's side: ratings for ranking, unknown ids, the result cache."""
+
+    max_rating_pairs: int = setting(
+        10_000, "most (user, item) pairs one PredictRatings call may rate", minimum=1
+    )
+    # one encoder run per chunk: bounds the scratch pool a rating run needs and how long one
+    # run holds the cores; larger chunks stop paying (bench/recommender.py)
+    rating_chunk_size: int = setting(
+        1024, "most pairs one encoder run rates (a bigger call runs in chunks)", minimum=1
+    )
+    unknown_entities: str = setting(
+        "error", "an unknown user or item id: error (NOT_FOUND) or fallback (the bundle's "
+        "fallback embedding, flagged in the response)", choices=UNKNOWN_ENTITIES,
+    )
+    # sized by bench/recommender.py on a Zipf(1.1) stream of (user, item) pairs
+    cache_size: int = setting(
+        4096, "answers of deterministic requests (greedy, beam, seeded sampling) kept for "
+        "replay (0 = no cache)", minimum=0,
+    )
+    cache_max_bytes: int = setting(
+        64 * MiB, "memory bound of the result cache in bytes (estimated per answer)",
+        minimum=4096,
+    )
+
+    def __post_init__(self) -> None:
+        _check_bounds(self)
+
+
 @dataclass(frozen=True)
 class TransportConfig:
     """Where the server listens and who may talk to it."""
@@ -274,6 +307,7 @@ _SECTIONS = {
     "session": SessionConfig,
     "scheduler": SchedulerConfig,
     "service": ServiceConfig,
+    "recommender": RecommenderConfig,
     "transport": TransportConfig,
     "lifecycle": LifecycleConfig,
 }
@@ -284,6 +318,7 @@ class ServerConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    recommender: RecommenderConfig = field(default_factory=RecommenderConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
 

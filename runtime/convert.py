@@ -12,7 +12,15 @@ from .config import ServiceConfig
 from .engine import Engine
 from .errors import InvalidRequestError
 from .model_host import Served
-from .requests import DecodingParams, FinishReason, Request, RequestOutput, Strategy
+from .requests import (
+    DecodingParams,
+    FinishReason,
+    RatingOutput,
+    RatingRequest,
+    Request,
+    RequestOutput,
+    Strategy,
+)
 from .sampler import SamplingParams
 
 _STRATEGIES = {
@@ -80,7 +88,42 @@ def _timing(output: RequestOutput) -> pb.Timing:
     )
 
 
-def generate_response(output: RequestOutput, info: ModelInfo) -> pb.GenerateResponse:
+def rating_request(
+    engine: Engine, message: pb.PredictRatingsRequest, *, request_id: str | None = None
+) -> RatingRequest:
+    """A PredictRatingsRequest as a validated RatingRequest (with `request_id` instead of the
+    message's, when given); raises InvalidRequest/NotFound."""
+    return engine.make_ratings(
+        message.request_id if request_id is None else request_id, user_id=message.user_id,
+        item_ids=list(message.item_ids),
+        pairs=[(p.user_id, p.item_id) for p in message.pairs], top_k=message.top_k,
+    )
+
+
+def ratings_response(
+    output: RatingOutput, request: RatingRequest, message: pb.PredictRatingsRequest
+) -> pb.PredictRatingsResponse:
+    indices = output.indices.tolist()
+    if message.pairs:
+        item_ids = [message.pairs[i].item_id for i in indices]
+    else:
+        item_ids = [message.item_ids[i] for i in indices]
+    response = pb.PredictRatingsResponse(
+        request_id=output.request_id, ratings=output.ratings.tolist(), indices=indices,
+        item_ids=item_ids, queue_ms=output.queue_s * 1e3, total_ms=output.total_s * 1e3,
+    )
+    user_fallback = request.user_fallback[output.indices]
+    item_fallback = request.item_fallback[output.indices]
+    if user_fallback.any() or item_fallback.any():
+        response.user_fallback.extend(user_fallback.tolist())
+        response.item_fallback.extend(item_fallback.tolist())
+    return response
+
+
+def generate_response(
+    output: RequestOutput, info: ModelInfo, *, request: Request | None = None,
+    cached: bool = False,
+) -> pb.GenerateResponse:
     tokens = output.token_ids or []
     response = pb.GenerateResponse(
         request_id=output.request_id,
@@ -89,14 +132,19 @@ def generate_response(output: RequestOutput, info: ModelInfo) -> pb.GenerateResp
         finish_reason=_FINISH.get(output.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         token_logprobs=output.logprobs or [],
         timing=_timing(output),
+        cached=cached,
     )
     if output.predicted_rating is not None:
         response.predicted_rating = output.predicted_rating
+    if request is not None:
+        response.user_fallback = request.user_fallback
+        response.item_fallback = request.item_fallback
     return response
 
 
 def stream_response(
-    output: RequestOutput, info: ModelInfo, *, first: bool
+    output: RequestOutput, info: ModelInfo, *, first: bool, request: Request | None = None,
+    cached: bool = False,
 ) -> pb.GenerateStreamResponse:
     text = info.detokenize(output.new_token_ids)
     if text and not first:
@@ -106,9 +154,13 @@ def stream_response(
         token_ids=output.new_token_ids,
         text=text,
         token_logprobs=output.new_logprobs or [],
+        cached=cached,
     )
     if first and output.predicted_rating is not None:
         message.predicted_rating = output.predicted_rating
+    if first and request is not None:
+        message.user_fallback = request.user_fallback
+        message.item_fallback = request.item_fallback
     if output.finished:
         message.finish_reason = _FINISH.get(output.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
         message.timing.CopyFrom(_timing(output))
@@ -116,6 +168,7 @@ def stream_response(
 
 
 def model_info(served: Served, *, service: ServiceConfig) -> pb.GetModelInfoResponse:
+    cache = served.cache
     engine = served.engine
     info, cfg, limits = engine.info, engine.info.model_config, engine.limits
     return pb.GetModelInfoResponse(
@@ -146,4 +199,8 @@ def model_info(served: Served, *, service: ServiceConfig) -> pb.GetModelInfoResp
         max_request_bytes=service.max_message_bytes,
         bundle_version=served.version,
         server_version=__version__,
+        max_rating_pairs=limits.max_rating_pairs,
+        rating_chunk_size=limits.rating_chunk_size,
+        unknown_entities_fallback=engine.fallback_entities,
+        cache_size=0 if cache is None else cache.max_entries,
     )

@@ -7,14 +7,17 @@ tests drive it with a fake runner, benchmarks drive it directly.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from .bundle import ModelInfo
-from .config import SchedulerConfig
+from .config import RecommenderConfig, SchedulerConfig
 from .model_runner import ModelRunner
 from .request_builder import RequestBuilder
-from .requests import Limits, Request, RequestOutput
+from .requests import Limits, RatingOutput, RatingRequest, Request, RequestOutput
 from .scheduler import Scheduler, StepPlan
 from .stats import StepStats
 
@@ -29,7 +32,7 @@ class StepResult:
 class EngineCore:
     def __init__(
         self, runner: ModelRunner, info: ModelInfo, config: SchedulerConfig,
-        *, clock=time.monotonic,
+        *, recommender: RecommenderConfig | None = None, clock=time.monotonic,
     ) -> None:
         if not isinstance(runner, ModelRunner):
             raise TypeError(f"{type(runner).__name__} does not implement ModelRunner")
@@ -43,9 +46,13 @@ class EngineCore:
         self.config = config
         self.limits = Limits.of(
             config, vocab_size=len(info.vocab), model_max_len=info.max_len,
-            sampling_top_k=runner.top_k,
+            sampling_top_k=runner.top_k, recommender=recommender,
         )
-        self.requests = RequestBuilder(info, self.limits, can_write_states=runner.can_write_states)
+        recommender = recommender or RecommenderConfig()
+        self.requests = RequestBuilder(
+            info, self.limits, can_write_states=runner.can_write_states,
+            fallback=recommender.unknown_entities == "fallback",
+        )
         self.scheduler = Scheduler(config, bos_id=info.bos_id, eos_id=info.eos_id, clock=clock)
 
     def add(self, request: Request) -> None:
@@ -79,6 +86,25 @@ class EngineCore:
         outputs = self.scheduler.update(plan, ratings, out)
         return StepResult(outputs, self._stats(plan, outputs, time.perf_counter() - t0), plan)
 
+    def rate(self, request: RatingRequest, *, accepted_at: float | None = None) -> RatingOutput:
+        """The encoder's ratings of a request's pairs, chunked to the rating chunk size, with
+        no decoding and no slot written: safe beside step() on another thread (it touches
+        only the runner's rating path, never the scheduler)."""
+        start = time.monotonic()
+        accepted_at = start if accepted_at is None else accepted_at
+        chunk = self.limits.rating_chunk_size
+        n = request.num_pairs
+        ratings = np.empty(n, np.float32)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            ratings[lo:hi] = self.runner.rate(request.users[lo:hi], request.items[lo:hi])
+        indices = top_indices(ratings, request.top_k)
+        return RatingOutput(
+            request_id=request.request_id, ratings=ratings[indices], indices=indices,
+            num_runs=math.ceil(n / chunk), queue_s=start - accepted_at,
+            total_s=time.monotonic() - accepted_at,
+        )
+
     def _stats(self, plan: StepPlan, outputs: list[RequestOutput], seconds: float) -> StepStats:
         scheduler = self.scheduler
         return StepStats(
@@ -91,3 +117,13 @@ class EngineCore:
             num_running=scheduler.num_running,
             num_tokens=scheduler.num_tokens_last_step,
         )
+
+
+def top_indices(ratings: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k highest ratings, highest first, ties in request order; all
+    positions in order when k is 0."""
+    n = ratings.size
+    if k <= 0:
+        return np.arange(n, dtype=np.int64)
+    # a stable sort of the negated ratings keeps equal ratings in request order
+    return np.argsort(-ratings, kind="stable")[: min(k, n)].astype(np.int64)

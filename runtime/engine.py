@@ -15,10 +15,11 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from .core import EngineCore
 from .errors import EngineDeadError, InvalidRequestError, QueueFullError, RequestAbortedError
-from .requests import Request, RequestOutput
+from .requests import RatingOutput, RatingRequest, Request, RequestOutput
 from .stats import EngineStats
 
 log = logging.getLogger(__name__)
@@ -136,12 +137,15 @@ class Engine:
     """Serves requests from asyncio code: the decode thread, the inboxes and the handles.
 
     Build requests with `make_request` (the core's RequestBuilder), `submit` them, and read
-    results from the returned handles.
+    results from the returned handles. Ratings (`make_ratings`, `rate`) run on a thread of
+    their own beside the decode thread: the encoder alone, on a scratch pool, so a rating
+    call never waits for a decode step and never touches a decoding request's slot.
     """
 
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         self.make_request = core.requests.build
+        self.make_ratings = core.requests.build_ratings
         self.stats = EngineStats()
         self.observers: list = []  # callables taking StepStats, called on the decode thread
         self._cv = threading.Condition()
@@ -152,6 +156,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
+        # one rating run at a time (the runner's scratch pool is one buffer); a long call
+        # holds later ones for at most its own chunks
+        self._rating_pool: ThreadPoolExecutor | None = None
+        self._num_rating = 0  # rating calls in flight (event-loop thread only)
 
     @property
     def runner(self):
@@ -169,6 +177,11 @@ class Engine:
     def config(self):
         return self.core.config
 
+    @property
+    def fallback_entities(self) -> bool:
+        """Whether unknown ids resolve to the bundle's fallback embeddings."""
+        return self.core.requests.fallback
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -176,6 +189,7 @@ class Engine:
         if self._thread is not None:
             raise RuntimeError("engine already started")
         self._loop = asyncio.get_running_loop()
+        self._rating_pool = ThreadPoolExecutor(1, thread_name_prefix="gruserve-rate")
         self._thread = threading.Thread(target=self._run, name="gruserve-decode", daemon=True)
         self._thread.start()
 
@@ -187,6 +201,8 @@ class Engine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._rating_pool is not None:
+            self._rating_pool.shutdown(wait=True)  # rating calls already running finish
 
     @property
     def healthy(self) -> bool:
@@ -199,7 +215,8 @@ class Engine:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._handles)
+        """Requests and rating calls not answered yet."""
+        return len(self._handles) + self._num_rating
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -224,6 +241,23 @@ class Engine:
             self._inbox.append(request)
             self._cv.notify()
         return handle
+
+    async def rate(self, request: RatingRequest) -> RatingOutput:
+        """The ratings of a built RatingRequest (event-loop thread only), computed on the
+        rating thread; raises EngineDeadError when the engine is not running."""
+        accepted_at = time.monotonic()
+        if not self.healthy:
+            raise EngineDeadError(f"engine is not running ({self.error or 'stopped'})")
+        self._num_rating += 1
+        try:
+            future = self._rating_pool.submit(self.core.rate, request, accepted_at=accepted_at)
+        except RuntimeError:  # stop() shut the pool down meanwhile
+            self._num_rating -= 1
+            raise EngineDeadError("engine is shutting down") from None
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            self._num_rating -= 1
 
     def abort(self, request_id: str) -> None:
         """Aborts an in-flight request (event-loop thread only) between steps; its handle

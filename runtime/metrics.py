@@ -25,10 +25,13 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from gruserve import __version__
 
 from .requests import FinishReason, RequestOutput
+from .result_cache import CacheStats, ResultCache
 from .stats import StepStats
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,26 @@ class ServiceMetrics:
             buckets=_STEP_BUCKETS, registry=r,
         )
 
+        self.fallbacks = Counter(
+            "gruserve_entity_fallbacks",
+            "Unknown users / items conditioned on the fallback embedding (--unknown-entities "
+            "fallback): requests for Generate*, pairs for PredictRatings",
+            ["rpc", "side"], registry=r,
+        )
+        self.rated_pairs = Counter(
+            "gruserve_rated_pairs", "(user, item) pairs rated by PredictRatings", registry=r
+        )
+
+    def watch_cache(self, cache: ResultCache) -> None:
+        """Exports the result cache's stats (read at scrape time)."""
+        self.registry.register(_CacheCollector(cache.stats))
+
+    def count_fallbacks(self, rpc: str, *, users: int, items: int) -> None:
+        if users:
+            self.fallbacks.labels(rpc=rpc, side="user").inc(users)
+        if items:
+            self.fallbacks.labels(rpc=rpc, side="item").inc(items)
+
     def set_model(self, name: str, version: str) -> None:
         """The bundle being served (an info metric: 1 for the current one only)."""
         self.model.clear()
@@ -166,3 +189,24 @@ class ServiceMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+class _CacheCollector(Collector):
+    """The result cache's counters and gauges, from its plain stats."""
+
+    def __init__(self, stats: CacheStats) -> None:
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats
+        for name, doc, value in (
+            ("hits", "Requests answered from the result cache", s.hits),
+            ("misses", "Cacheable requests not in the result cache (then decoded)", s.misses),
+            ("evictions", "Answers dropped from the result cache to stay in its bounds",
+             s.evictions),
+        ):
+            yield CounterMetricFamily(f"gruserve_cache_{name}", doc, value=value)
+        yield GaugeMetricFamily("gruserve_cache_entries", "Answers in the result cache",
+                                value=s.entries)
+        yield GaugeMetricFamily("gruserve_cache_bytes",
+                                "Estimated bytes held by the result cache", value=s.bytes)

@@ -55,6 +55,11 @@ class ModelRunner(Protocol):
     def encode(self, slots: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Writes each (user, item)'s initial state into its slot; returns ratings (B,)."""
 
+    def rate(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The encoder's ratings (B,) float32 of B (user, item) pairs, and nothing else: no
+        slot is written. Called from a thread other than the decode thread's, and possibly
+        while a step runs; the engine keeps B within its rating chunk size."""
+
     def write_states(self, slots: np.ndarray, states: np.ndarray) -> None:
         """Writes caller-given initial states (B, H) into slots."""
 

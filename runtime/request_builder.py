@@ -14,7 +14,7 @@ import numpy as np
 
 from .bundle import ModelInfo
 from .errors import InvalidRequestError, NotFoundError
-from .requests import DecodingParams, Limits, Request, Strategy
+from .requests import DecodingParams, Limits, RatingRequest, Request, Strategy
 
 MAX_ABS_LENGTH_PENALTY = 10.0
 DEFAULT_NUM_BEAMS = 4  # what num_beams 0 means (capped at Limits.max_beams)
@@ -93,13 +93,25 @@ def validate_params(params: DecodingParams, limits: Limits) -> DecodingParams:
 
 
 class RequestBuilder:
-    """Validates and resolves requests for one engine (its limits, its model's entities)."""
+    """Validates and resolves requests for one engine (its limits, its model's entities).
 
-    def __init__(self, info: ModelInfo, limits: Limits, *, can_write_states: bool) -> None:
+    With `fallback`, an unknown user or item id resolves to the bundle's fallback embedding
+    row (and the request says so) instead of raising NotFoundError.
+    """
+
+    def __init__(
+        self, info: ModelInfo, limits: Limits, *, can_write_states: bool, fallback: bool = False
+    ) -> None:
+        if fallback and not info.has_fallbacks:
+            raise ValueError(f"model {info.name} has no fallback embeddings")
         self.info = info
         self.limits = limits
         self.can_write_states = can_write_states
+        self.fallback = fallback
         self._serial = itertools.count(1)
+        self._sides = {
+            "user": (info.users, info.fallback_user), "item": (info.items, info.fallback_item),
+        }
 
     def build(
         self,
@@ -127,8 +139,12 @@ class RequestBuilder:
         if hidden_state is not None:
             request.hidden_state = self._state(hidden_state)
         else:
-            request.user_index = self._entity("user", user_id, self.info.users)
-            request.item_index = self._entity("item", item_id, self.info.items)
+            request.user_index, request.user_fallback = self._entity(
+                "user", user_id, "user_item.user_id"
+            )
+            request.item_index, request.item_fallback = self._entity(
+                "item", item_id, "user_item.item_id"
+            )
         if params.strategy is Strategy.SAMPLE:
             seed = params.sampling.seed
             request.seed = secrets.randbits(63) if seed is None else int(seed)
@@ -153,13 +169,57 @@ class RequestBuilder:
             raise InvalidRequestError("hidden_state", "this bundle cannot take raw states")
         return state.reshape(info.hidden_size)
 
-    @staticmethod
-    def _entity(kind: str, external_id: str | None, index: dict[str, int]) -> int:
-        field = f"user_item.{kind}_id"
+    def build_ratings(
+        self,
+        request_id: str,
+        *,
+        user_id: str | None = None,
+        item_ids: list[str] | tuple[str, ...] = (),
+        pairs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+        top_k: int = 0,
+    ) -> RatingRequest:
+        """One user and its candidate items, or (user, item) pairs, as a validated
+        RatingRequest; raises InvalidRequestError / NotFoundError naming the field."""
+        check_id("request_id", request_id, MAX_REQUEST_ID_LEN)
+        if pairs and (user_id or item_ids):
+            raise InvalidRequestError("pairs", "give user_id with item_ids, or pairs, not both")
+        field, count = ("pairs", len(pairs)) if pairs else ("item_ids", len(item_ids))
+        limit = self.limits.max_rating_pairs
+        if not 0 < count <= limit:
+            raise InvalidRequestError(field, f"needs 1..{limit} pairs, got {count}")
+        if top_k < 0:
+            raise InvalidRequestError("top_k", f"must be >= 0, got {top_k}")
+        if pairs:
+            rows = [
+                self._entity(side, external_id, f"pairs[{i}].{side}_id")
+                for i, pair in enumerate(pairs)
+                for side, external_id in zip(("user", "item"), pair, strict=True)
+            ]
+            users, items = rows[0::2], rows[1::2]
+        else:
+            users = [self._entity("user", user_id, "user_id")] * count
+            items = [
+                self._entity("item", item, f"item_ids[{i}]") for i, item in enumerate(item_ids)
+            ]
+        user_rows, user_fallback = zip(*users, strict=True)
+        item_rows, item_fallback = zip(*items, strict=True)
+        return RatingRequest(
+            request_id=request_id or secrets.token_hex(8),
+            users=np.array(user_rows, np.int64), items=np.array(item_rows, np.int64),
+            user_fallback=np.array(user_fallback, bool),
+            item_fallback=np.array(item_fallback, bool),
+            top_k=int(top_k),
+        )
+
+    def _entity(self, side: str, external_id: str | None, field: str) -> tuple[int, bool]:
+        """(embedding row, whether it is the fallback row) of a user or item id."""
         if not external_id:
             raise InvalidRequestError(field, "required")
         check_id(field, external_id, MAX_ENTITY_ID_LEN)
-        found = index.get(external_id)
-        if found is None:
-            raise NotFoundError(field, f"unknown {kind}_id {external_id!r}")
-        return found
+        known, fallback_row = self._sides[side]
+        found = known.get(external_id)
+        if found is not None:
+            return found, False
+        if self.fallback:
+            return fallback_row, True
+        raise NotFoundError(field, f"unknown {side}_id {external_id!r}")

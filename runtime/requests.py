@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import SchedulerConfig
+from .config import RecommenderConfig, SchedulerConfig
 from .sampler import SamplingParams
 
 
@@ -54,11 +54,15 @@ class Limits:
     # from the TopK graph, so it is also bounded by the batch limit and by K
     max_beams: int
     max_stop_tokens: int = 16
+    max_rating_pairs: int = 10_000  # pairs one PredictRatings call may rate
+    rating_chunk_size: int = 1024  # pairs one encoder run rates
 
     @classmethod
     def of(
-        cls, config: SchedulerConfig, *, vocab_size: int, model_max_len: int, sampling_top_k: int
+        cls, config: SchedulerConfig, *, vocab_size: int, model_max_len: int, sampling_top_k: int,
+        recommender: RecommenderConfig | None = None,
     ) -> Limits:
+        recommender = recommender or RecommenderConfig()
         return cls(
             vocab_size=vocab_size,
             max_tokens=config.max_tokens,
@@ -66,6 +70,8 @@ class Limits:
             sampling_top_k=sampling_top_k,
             max_beams=min(config.max_beams, config.batch_limit, sampling_top_k),
             max_stop_tokens=config.max_stop_tokens,
+            max_rating_pairs=recommender.max_rating_pairs,
+            rating_chunk_size=recommender.rating_chunk_size,
         )
 
 
@@ -81,6 +87,9 @@ class Request:
     user_index: int = -1
     item_index: int = -1
     hidden_state: np.ndarray | None = None  # (H,) float32 when conditioning on a raw state
+    # the user's (item's) id was unknown and its index is the bundle's fallback row
+    user_fallback: bool = False
+    item_fallback: bool = False
     # whether the caller wants tokens as they come (streaming) or only the result
     stream: bool = False
     # a resolved seed for sampling (random when the caller gave none, so it can be logged)
@@ -108,3 +117,32 @@ class RequestOutput:
     queue_s: float | None = None
     first_token_s: float | None = None
     total_s: float | None = None
+
+
+@dataclass(frozen=True)
+class RatingRequest:
+    """PredictRatings as the engine sees it: N pairs resolved to embedding rows."""
+
+    request_id: str
+    users: np.ndarray  # (N,) int64 user rows
+    items: np.ndarray  # (N,) int64 item rows
+    # (N,) bool: the id was unknown and the row is the bundle's fallback embedding
+    user_fallback: np.ndarray
+    item_fallback: np.ndarray
+    top_k: int = 0  # > 0: only the top_k pairs by rating, best first; 0: all, in order
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.users.size)
+
+
+@dataclass(frozen=True)
+class RatingOutput:
+    """The ratings of a RatingRequest: all pairs in request order, or its top_k best."""
+
+    request_id: str
+    ratings: np.ndarray  # (M,) float32
+    indices: np.ndarray  # (M,) int64: each rating's position in the request
+    num_runs: int  # encoder runs (chunks) it took
+    queue_s: float  # accepted -> its first encoder run started
+    total_s: float  # accepted -> rated

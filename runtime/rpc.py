@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
@@ -94,14 +94,19 @@ class RpcScope:
         return len(unfinished)
 
 
-async def all_results(handles: list[RequestHandle]) -> list[RequestOutput]:
-    """Every handle's result in order; the first failure ends the wait for all of them."""
-    tasks = [asyncio.ensure_future(h.result()) for h in handles]
+async def gather_all(awaitables: Iterable[Awaitable]) -> list:
+    """Every result in order; the first failure ends the wait for all of them."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
         return await asyncio.gather(*tasks)
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def all_results(handles: list[RequestHandle]) -> list[RequestOutput]:
+    """Every handle's result in order; the first failure ends the wait for all of them."""
+    return await gather_all(h.result() for h in handles)
 
 
 class ServicerBase:
@@ -197,6 +202,16 @@ class ServicerBase:
         scope.handles.append(handle)
         scope.record.queued(handle.request_id)
         return handle
+
+    async def _answer(self, scope: RpcScope, request: Request) -> tuple[RequestOutput, bool]:
+        """(final output, whether the result cache answered it) of a built request: from
+        the cache when it can (Served.lookup), else decoded, and then remembered."""
+        cached = scope.served.lookup(request)
+        if cached is not None:
+            return cached, True
+        output = self._finished(scope, await self._submit(scope, request).result())
+        scope.served.remember(request, output)
+        return output, False
 
     def _finished(self, scope: RpcScope, output: RequestOutput) -> RequestOutput:
         if output.finish_reason is FinishReason.ABORTED:

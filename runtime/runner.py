@@ -8,8 +8,10 @@ steps the hidden state never leaves the device; only slot and token ids go in an
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -87,6 +89,13 @@ class _BoundGraph:
         self.host_outputs = tuple(self.names[role] for role in host_outputs)
         self.num_host_outputs = len(host_outputs)
 
+    def twin(self) -> _BoundGraph:
+        """The same session with an I/O binding of its own, to bind another pool to. ORT
+        sessions may run from several threads at once; one binding may not."""
+        twin = copy.copy(self)
+        twin.binding = self.session.io_binding()
+        return twin
+
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Runs with the given host inputs; returns the host outputs in bind_pool's order."""
         b = self.binding
@@ -99,6 +108,40 @@ class _BoundGraph:
         self.session.run_with_iobinding(b)
         outputs = b.get_outputs()  # the pool first (bound first), then the host outputs
         return [outputs[i + 1].numpy() for i in range(self.num_host_outputs)]
+
+
+class _ScratchRater:
+    """Ratings from the encoder graph without touching the slot pool: the encoder always
+    writes initial states, so a rating-only run binds a scratch pool of its own, which
+    grows to the largest batch it has rated. Thread-safe (one run at a time), so ratings
+    may run beside the decode thread's steps."""
+
+    def __init__(self, encoder: _BoundGraph, shape: tuple[int, int], dtype, device: str,
+                 device_id: int) -> None:
+        self._graph = encoder.twin()
+        self._layers, self._hidden = shape
+        self._dtype, self._device, self._device_id = dtype, device, device_id
+        self._lock = threading.Lock()
+        self._rows = 0
+        self._pool = None  # kept referenced: the binding does not own it
+
+    def rate(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        rows = users.size
+        with self._lock:
+            if rows > self._rows:
+                self._grow(max(rows, 2 * self._rows))
+            (rating,) = self._graph.run(
+                {"slots": np.arange(rows, dtype=np.int64), "users": users, "items": items}
+            )
+        return rating
+
+    def _grow(self, rows: int) -> None:
+        self._pool = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((self._layers, rows, self._hidden), dtype=self._dtype),
+            self._device, self._device_id,
+        )
+        self._graph.bind_pool(self._pool, ("rating",))
+        self._rows = rows
 
 
 class StepRunner:
@@ -150,6 +193,10 @@ class StepRunner:
             np.zeros(shape, dtype=self.pool_dtype), device, config.device_id
         )
         self._encoder.bind_pool(self.pool, ("rating",))
+        self._rater = _ScratchRater(
+            self._encoder, (bundle.num_layers, bundle.hidden_size), self.pool_dtype, device,
+            config.device_id,
+        )
         self._greedy.bind_pool(self.pool, ("next_token",))
         if self._topk is not None:
             self._topk.bind_pool(self.pool, ("next_token", "topk_logprobs", "topk_ids"))
@@ -192,6 +239,13 @@ class StepRunner:
             {"slots": _i64(slots), "users": _i64(users), "items": _i64(items)}
         )
         return rating
+
+    def rate(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The ratings (B,) float32 of B pairs; writes no slot (a scratch pool takes the
+        states), so it may run from another thread while the decode thread steps."""
+        if users.size == 0:
+            return np.zeros(0, np.float32)
+        return self._rater.rate(_i64(users), _i64(items))
 
     def write_states(self, slots: np.ndarray, states: np.ndarray) -> None:
         """Writes caller-given initial states (B, H) into slots."""

@@ -26,7 +26,7 @@ from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
 from .bundle import Bundle, ModelInfo, load_bundle
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig
 from .core import EngineCore
 from .engine import Engine
 from .metrics import ServiceMetrics
@@ -35,6 +35,7 @@ from .oip_servicer import SERVICE_NAME as OIP_SERVICE_NAME
 from .oip_servicer import InferenceServicer, RefusedMethods
 from .reflection import enable_reflection
 from .requests import DecodingParams
+from .result_cache import ResultCache
 from .runner import StepRunner
 from .servicer import SERVICE_NAME, GeneratorServicer, MalformedRequestInterceptor
 from .telemetry import RpcTelemetry
@@ -51,8 +52,23 @@ __all__ = ["GruServer", "ServerConfig", "build_engine", "format_address", "serve
 
 def build_engine(bundle: Bundle, config: ServerConfig) -> Engine:
     """The engine for a bundle: ORT runner -> core -> threaded engine (not started)."""
+    recommender = config.recommender
+    info = ModelInfo.from_bundle(bundle)
+    if recommender.unknown_entities == "fallback" and not info.has_fallbacks:
+        raise ConfigError(
+            "--unknown-entities",
+            f"fallback needs fallback embeddings, and bundle {bundle.path} has none (export "
+            "it again with this gruserve, or serve it with --unknown-entities error)",
+        )
     runner = StepRunner(bundle, num_slots=config.scheduler.num_slots, config=config.session)
-    return Engine(EngineCore(runner, ModelInfo.from_bundle(bundle), config.scheduler))
+    return Engine(EngineCore(runner, info, config.scheduler, recommender=recommender))
+
+
+def build_cache(config: ServerConfig) -> ResultCache | None:
+    recommender = config.recommender
+    if recommender.cache_size == 0:
+        return None
+    return ResultCache(recommender.cache_size, recommender.cache_max_bytes)
 
 
 def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -129,6 +145,9 @@ class GruServer:
         self.telemetry = RpcTelemetry(
             self.metrics, Tracer(tracer_provider), access=config.service.access_log
         )
+        self.cache = build_cache(config)
+        if self.cache is not None:
+            self.metrics.watch_cache(self.cache)
         self.host = ModelHost(self._served(bundle))
         self.health = health.aio.HealthServicer()
         self._serving = False  # health is SERVING (the Open Inference Protocol's ServerReady)
@@ -142,7 +161,7 @@ class GruServer:
     def _served(self, bundle: Bundle) -> Served:
         engine = build_engine(bundle, self.config)
         engine.observers.append(self.metrics.observe_step)
-        return Served(bundle, engine, provider=engine.runner.provider)
+        return Served(bundle, engine, provider=engine.runner.provider, cache=self.cache)
 
     @property
     def bundle(self) -> Bundle:

@@ -18,7 +18,7 @@ from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 from . import convert, logs
 from .errors import InvalidRequestError, RequestError
 from .requests import Request
-from .rpc import RpcScope, ServicerBase, all_results, loggable_id
+from .rpc import RpcScope, ServicerBase, gather_all, loggable_id
 from .telemetry import RpcTelemetry
 
 log = logging.getLogger(__name__)
@@ -47,22 +47,42 @@ class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
         logs.set_request_id(scope.ids())
         return request
 
+    def _count_fallbacks(self, rpc: str, requests: list[Request]) -> None:
+        self.metrics.count_fallbacks(
+            rpc, users=sum(r.user_fallback for r in requests),
+            items=sum(r.item_fallback for r in requests),
+        )
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         async with self._guard("Generate", context) as scope:
-            handle = self._submit(scope, self._prepare(scope, request, False, single=True))
-            output = self._finished(scope, await handle.result())
-            return convert.generate_response(output, scope.engine.info)
+            prepared = self._prepare(scope, request, False, single=True)
+            self._count_fallbacks("Generate", [prepared])
+            output, cached = await self._answer(scope, prepared)
+            return convert.generate_response(
+                output, scope.engine.info, request=prepared, cached=cached
+            )
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         async with self._guard("GenerateStream", context) as scope:
-            handle = self._submit(scope, self._prepare(scope, request, True, single=True))
+            prepared = self._prepare(scope, request, True, single=True)
+            self._count_fallbacks("GenerateStream", [prepared])
+            info = scope.engine.info
+            cached = scope.served.lookup(prepared)
+            if cached is not None:  # the whole answer in one message
+                await context.write(convert.stream_response(
+                    cached, info, first=True, request=prepared, cached=True
+                ))
+                return
+            handle = self._submit(scope, prepared)
             first = True
             # each chunk takes everything produced since the last write: a slow reader gets
             # bigger chunks instead of a growing backlog of one-token messages
             async for delta in handle.chunks(**self.stream_flush):
                 if delta.finished:
-                    self._finished(scope, delta)
-                await context.write(convert.stream_response(delta, scope.engine.info, first=first))
+                    scope.served.remember(prepared, self._finished(scope, delta))
+                await context.write(
+                    convert.stream_response(delta, info, first=first, request=prepared)
+                )
                 first = False
 
     async def GenerateBatch(
@@ -83,14 +103,33 @@ class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
             ids = [r.client_id for r in prepared]
             if len(set(ids)) != len(ids):
                 raise InvalidRequestError("requests", "request_id values must be unique")
-            handles = [self._submit(scope, r) for r in prepared]
-            outputs = await all_results(handles)
+            self._count_fallbacks("GenerateBatch", prepared)
+            # the cache answers what it can; the rest is decoded concurrently
+            answers = await gather_all(self._answer(scope, r) for r in prepared)
+            info = scope.engine.info
             return pb.GenerateBatchResponse(
                 responses=[
-                    convert.generate_response(self._finished(scope, o), scope.engine.info)
-                    for o in outputs
+                    convert.generate_response(output, info, request=r, cached=cached)
+                    for r, (output, cached) in zip(prepared, answers, strict=True)
                 ]
             )
+
+    async def PredictRatings(
+        self, request: pb.PredictRatingsRequest, context: grpc.aio.ServicerContext
+    ):
+        async with self._guard("PredictRatings", context) as scope:
+            request_id = request.request_id or scope.record.header_id or ""
+            if request_id:
+                scope.request_ids.append(loggable_id(request_id))
+                logs.set_request_id(scope.ids())
+            prepared = convert.rating_request(scope.engine, request, request_id=request_id)
+            self.metrics.count_fallbacks(
+                "PredictRatings", users=int(prepared.user_fallback.sum()),
+                items=int(prepared.item_fallback.sum()),
+            )
+            output = await scope.engine.rate(prepared)
+            self.metrics.rated_pairs.inc(prepared.num_pairs)
+            return convert.ratings_response(output, prepared, request)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -12,7 +12,9 @@ import pytest
 
 from gruserve.runtime.cli import main
 
-COMMANDS = ["serve", "generate", "info", "loadtest", "train", "export", "verify", "evaluate"]
+COMMANDS = [
+    "serve", "generate", "rank", "info", "loadtest", "train", "export", "verify", "evaluate",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -72,7 +72,10 @@ class FakeRunner:
     def encode(self, slots, users, items):
         for slot, user in zip(slots.tolist(), users.tolist(), strict=True):
             self.pool[slot] = (user,)
-        return users.astype(np.float32) + 0.5  # the "rating"
+        return self.rate(users, items)
+
+    def rate(self, users, items):
+        return users.astype(np.float32) + 0.5  # the "rating"; no slot is written
 
     def step(self, read_slots, write_slots, tokens, want_topk=False, topk_rows=None):
         if topk_rows is not None:

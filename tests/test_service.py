@@ -28,7 +28,9 @@ MAX_TOKENS = 64  # the server's per-request ceiling (ServerConfig.max_tokens def
 
 @pytest.fixture(scope="module")
 def server(synthetic_bundle_dir):
-    with running_server(synthetic_bundle_dir, metrics_port=0) as s:
+    # no result cache: these tests repeat requests to check the engine's own determinism,
+    # which a cache would answer for it (tests/test_result_cache.py tests the cache)
+    with running_server(synthetic_bundle_dir, metrics_port=0, cache_size=0) as s:
         yield s
 
 
@@ -251,7 +253,7 @@ def test_health_and_reflection(server, client):
         assert {"gruserve.v1.Generator", "grpc.health.v1.Health"} <= services
         service = db.FindFileContainingSymbol("gruserve.v1.Generator").service[0]
         assert {m.name for m in service.method} == {
-            "Generate", "GenerateStream", "GenerateBatch", "GetModelInfo"
+            "Generate", "GenerateStream", "GenerateBatch", "PredictRatings", "GetModelInfo"
         }
         with pytest.raises(grpc.RpcError) as info:
             health_pb2_grpc.HealthStub(channel).Check(

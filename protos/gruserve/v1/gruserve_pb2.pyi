@@ -92,7 +92,7 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "predicted_rating", "finish_reason", "token_logprobs", "timing")
+    __slots__ = ("request_id", "token_ids", "text", "predicted_rating", "finish_reason", "token_logprobs", "timing", "user_fallback", "item_fallback", "cached")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,9 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    USER_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -107,10 +110,13 @@ class GenerateResponse(_message.Message):
     finish_reason: FinishReason
     token_logprobs: _containers.RepeatedScalarFieldContainer[float]
     timing: Timing
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., predicted_rating: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    user_fallback: bool
+    item_fallback: bool
+    cached: bool
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., predicted_rating: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., user_fallback: _Optional[bool] = ..., item_fallback: _Optional[bool] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "token_logprobs", "predicted_rating", "finish_reason", "timing")
+    __slots__ = ("request_id", "token_ids", "text", "token_logprobs", "predicted_rating", "finish_reason", "timing", "user_fallback", "item_fallback", "cached")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +124,9 @@ class GenerateStreamResponse(_message.Message):
     PREDICTED_RATING_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    USER_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -125,7 +134,10 @@ class GenerateStreamResponse(_message.Message):
     predicted_rating: float
     finish_reason: FinishReason
     timing: Timing
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., predicted_rating: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    user_fallback: bool
+    item_fallback: bool
+    cached: bool
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., predicted_rating: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., user_fallback: _Optional[bool] = ..., item_fallback: _Optional[bool] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class GenerateBatchRequest(_message.Message):
     __slots__ = ("requests",)
@@ -139,12 +151,46 @@ class GenerateBatchResponse(_message.Message):
     responses: _containers.RepeatedCompositeFieldContainer[GenerateResponse]
     def __init__(self, responses: _Optional[_Iterable[_Union[GenerateResponse, _Mapping]]] = ...) -> None: ...
 
+class PredictRatingsRequest(_message.Message):
+    __slots__ = ("request_id", "user_id", "item_ids", "pairs", "top_k")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_id: str
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    pairs: _containers.RepeatedCompositeFieldContainer[UserItem]
+    top_k: int
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[UserItem, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class PredictRatingsResponse(_message.Message):
+    __slots__ = ("request_id", "ratings", "indices", "item_ids", "user_fallback", "item_fallback", "queue_ms", "total_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RATINGS_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    USER_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    ratings: _containers.RepeatedScalarFieldContainer[float]
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    user_fallback: _containers.RepeatedScalarFieldContainer[bool]
+    item_fallback: _containers.RepeatedScalarFieldContainer[bool]
+    queue_ms: float
+    total_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., ratings: _Optional[_Iterable[float]] = ..., indices: _Optional[_Iterable[int]] = ..., item_ids: _Optional[_Iterable[str]] = ..., user_fallback: _Optional[_Iterable[bool]] = ..., item_fallback: _Optional[_Iterable[bool]] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "embedding_size", "hidden_size", "num_layers", "num_users", "num_items", "min_rating", "max_rating", "bos_id", "eos_id", "pad_id", "unk_id", "default_max_tokens", "provider", "max_slots", "max_queued", "sampling_top_k", "max_batch_requests", "precision", "max_tokens", "max_beams", "max_stop_tokens", "accepts_hidden_state", "max_request_bytes", "bundle_version", "server_version")
+    __slots__ = ("model_name", "vocab_size", "embedding_size", "hidden_size", "num_layers", "num_users", "num_items", "min_rating", "max_rating", "bos_id", "eos_id", "pad_id", "unk_id", "default_max_tokens", "provider", "max_slots", "max_queued", "sampling_top_k", "max_batch_requests", "precision", "max_tokens", "max_beams", "max_stop_tokens", "accepts_hidden_state", "max_request_bytes", "bundle_version", "server_version", "max_rating_pairs", "rating_chunk_size", "unknown_entities_fallback", "cache_size")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +218,10 @@ class GetModelInfoResponse(_message.Message):
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_RATING_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    RATING_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ENTITIES_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     embedding_size: int
@@ -199,4 +249,8 @@ class GetModelInfoResponse(_message.Message):
     max_request_bytes: int
     bundle_version: str
     server_version: str
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., embedding_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_users: _Optional[int] = ..., num_items: _Optional[int] = ..., min_rating: _Optional[float] = ..., max_rating: _Optional[float] = ..., bos_id: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., unk_id: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., provider: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_queued: _Optional[int] = ..., sampling_top_k: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., precision: _Optional[str] = ..., max_tokens: _Optional[int] = ..., max_beams: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., accepts_hidden_state: _Optional[bool] = ..., max_request_bytes: _Optional[int] = ..., bundle_version: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
+    max_rating_pairs: int
+    rating_chunk_size: int
+    unknown_entities_fallback: bool
+    cache_size: int
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., embedding_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_users: _Optional[int] = ..., num_items: _Optional[int] = ..., min_rating: _Optional[float] = ..., max_rating: _Optional[float] = ..., bos_id: _Optional[int] = ..., eos_id: _Optional[int] = ..., pad_id: _Optional[int] = ..., unk_id: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., provider: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_queued: _Optional[int] = ..., sampling_top_k: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., precision: _Optional[str] = ..., max_tokens: _Optional[int] = ..., max_beams: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., accepts_hidden_state: _Optional[bool] = ..., max_request_bytes: _Optional[int] = ..., bundle_version: _Optional[str] = ..., server_version: _Optional[str] = ..., max_rating_pairs: _Optional[int] = ..., rating_chunk_size: _Optional[int] = ..., unknown_entities_fallback: _Optional[bool] = ..., cache_size: _Optional[int] = ...) -> None: ...

@@ -55,6 +55,11 @@ class GeneratorStub:
                 request_serializer=gruserve_dot_v1_dot_gruserve__pb2.GenerateBatchRequest.SerializeToString,
                 response_deserializer=gruserve_dot_v1_dot_gruserve__pb2.GenerateBatchResponse.FromString,
                 _registered_method=True)
+        self.PredictRatings = channel.unary_unary(
+                '/gruserve.v1.Generator/PredictRatings',
+                request_serializer=gruserve_dot_v1_dot_gruserve__pb2.PredictRatingsRequest.SerializeToString,
+                response_deserializer=gruserve_dot_v1_dot_gruserve__pb2.PredictRatingsResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/gruserve.v1.Generator/GetModelInfo',
                 request_serializer=gruserve_dot_v1_dot_gruserve__pb2.GetModelInfoRequest.SerializeToString,
@@ -94,6 +99,15 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PredictRatings(self, request, context):
+        """The encoder's predicted ratings of one user's candidate items (or of (user, item)
+        pairs), optionally only the top_k: no decoding, for ranking. Never queued behind decode
+        steps; limits (pairs per call, per encoder run) are in GetModelInfo.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """What is being served: model sizes, vocabulary, special ids, provider, limits.
         """
@@ -118,6 +132,11 @@ def add_GeneratorServicer_to_server(servicer, server):
                     servicer.GenerateBatch,
                     request_deserializer=gruserve_dot_v1_dot_gruserve__pb2.GenerateBatchRequest.FromString,
                     response_serializer=gruserve_dot_v1_dot_gruserve__pb2.GenerateBatchResponse.SerializeToString,
+            ),
+            'PredictRatings': grpc.unary_unary_rpc_method_handler(
+                    servicer.PredictRatings,
+                    request_deserializer=gruserve_dot_v1_dot_gruserve__pb2.PredictRatingsRequest.FromString,
+                    response_serializer=gruserve_dot_v1_dot_gruserve__pb2.PredictRatingsResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -212,6 +231,33 @@ class Generator:
             '/gruserve.v1.Generator/GenerateBatch',
             gruserve_dot_v1_dot_gruserve__pb2.GenerateBatchRequest.SerializeToString,
             gruserve_dot_v1_dot_gruserve__pb2.GenerateBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictRatings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gruserve.v1.Generator/PredictRatings',
+            gruserve_dot_v1_dot_gruserve__pb2.PredictRatingsRequest.SerializeToString,
+            gruserve_dot_v1_dot_gruserve__pb2.PredictRatingsResponse.FromString,
             options,
             channel_credentials,
             insecure,
