@@ -7,7 +7,6 @@ tests drive it with a fake runner, benchmarks drive it directly.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -86,24 +85,37 @@ class EngineCore:
         outputs = self.scheduler.update(plan, ratings, out)
         return StepResult(outputs, self._stats(plan, outputs, time.perf_counter() - t0), plan)
 
-    def rate(self, request: RatingRequest, *, accepted_at: float | None = None) -> RatingOutput:
-        """The encoder's ratings of a request's pairs, chunked to the rating chunk size, with
-        no decoding and no slot written: safe beside step() on another thread (it touches
-        only the runner's rating path, never the scheduler)."""
-        start = time.monotonic()
-        accepted_at = start if accepted_at is None else accepted_at
-        chunk = self.limits.rating_chunk_size
-        n = request.num_pairs
-        ratings = np.empty(n, np.float32)
-        for lo in range(0, n, chunk):
-            hi = min(lo + chunk, n)
-            ratings[lo:hi] = self.runner.rate(request.users[lo:hi], request.items[lo:hi])
+    def rating_spans(self, request: RatingRequest) -> list[tuple[int, int]]:
+        """[lo, hi) of each encoder run a rating request takes (the rating chunk size)."""
+        n, chunk = request.num_pairs, self.limits.rating_chunk_size
+        return [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+
+    def rate_span(self, request: RatingRequest, span: tuple[int, int]) -> np.ndarray:
+        """One encoder run: the ratings of request pairs [lo, hi). No decoding, no slot
+        written: safe beside step() on another thread (only the runner's rating path runs,
+        never the scheduler)."""
+        lo, hi = span
+        return self.runner.rate(request.users[lo:hi], request.items[lo:hi])
+
+    def rating_output(
+        self, request: RatingRequest, ratings: np.ndarray, *, queue_s: float, total_s: float
+    ) -> RatingOutput:
+        """All ratings in order, or the top_k best first."""
         indices = top_indices(ratings, request.top_k)
         return RatingOutput(
             request_id=request.request_id, ratings=ratings[indices], indices=indices,
-            num_runs=math.ceil(n / chunk), queue_s=start - accepted_at,
-            total_s=time.monotonic() - accepted_at,
+            num_runs=len(self.rating_spans(request)), queue_s=queue_s, total_s=total_s,
         )
+
+    def rate(self, request: RatingRequest) -> RatingOutput:
+        """A whole rating request, its encoder runs one after another (the threaded Engine
+        interleaves the runs of concurrent requests instead)."""
+        start = time.monotonic()
+        ratings = np.empty(request.num_pairs, np.float32)
+        for lo, hi in self.rating_spans(request):
+            ratings[lo:hi] = self.rate_span(request, (lo, hi))
+        return self.rating_output(request, ratings, queue_s=0.0,
+                                  total_s=time.monotonic() - start)
 
     def _stats(self, plan: StepPlan, outputs: list[RequestOutput], seconds: float) -> StepStats:
         scheduler = self.scheduler

@@ -17,6 +17,8 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from .core import EngineCore
 from .errors import EngineDeadError, InvalidRequestError, QueueFullError, RequestAbortedError
 from .requests import RatingOutput, RatingRequest, Request, RequestOutput
@@ -122,6 +124,12 @@ class RequestHandle:
             self._engine.abort(self.key)
 
 
+def _timed(function, *args):
+    """(function(*args), when it started): the rating thread's start of a run."""
+    started_at = time.monotonic()
+    return function(*args), started_at
+
+
 def _merge(outputs: list[RequestOutput]) -> RequestOutput:
     if len(outputs) == 1:
         return outputs[0]
@@ -156,8 +164,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
-        # one rating run at a time (the runner's scratch pool is one buffer); a long call
-        # holds later ones for at most its own chunks
+        # one rating run at a time (the runner's scratch pool is one buffer), FIFO by chunk
         self._rating_pool: ThreadPoolExecutor | None = None
         self._num_rating = 0  # rating calls in flight (event-loop thread only)
 
@@ -244,20 +251,30 @@ class Engine:
 
     async def rate(self, request: RatingRequest) -> RatingOutput:
         """The ratings of a built RatingRequest (event-loop thread only), computed on the
-        rating thread; raises EngineDeadError when the engine is not running."""
+        rating thread one encoder run (chunk) at a time: concurrent calls take turns by
+        chunk, so a small call waits for at most one chunk of a big one. Raises
+        EngineDeadError when the engine is not running."""
         accepted_at = time.monotonic()
         if not self.healthy:
             raise EngineDeadError(f"engine is not running ({self.error or 'stopped'})")
+        ratings = np.empty(request.num_pairs, np.float32)
+        started_at = None
         self._num_rating += 1
         try:
-            future = self._rating_pool.submit(self.core.rate, request, accepted_at=accepted_at)
-        except RuntimeError:  # stop() shut the pool down meanwhile
-            self._num_rating -= 1
-            raise EngineDeadError("engine is shutting down") from None
-        try:
-            return await asyncio.wrap_future(future)
+            for lo, hi in self.core.rating_spans(request):
+                try:
+                    future = self._rating_pool.submit(_timed, self.core.rate_span, request,
+                                                      (lo, hi))
+                except RuntimeError:  # stop() shut the pool down meanwhile
+                    raise EngineDeadError("engine is shutting down") from None
+                ratings[lo:hi], began = await asyncio.wrap_future(future)
+                started_at = began if started_at is None else started_at
         finally:
             self._num_rating -= 1
+        return self.core.rating_output(
+            request, ratings, queue_s=started_at - accepted_at,
+            total_s=time.monotonic() - accepted_at,
+        )
 
     def abort(self, request_id: str) -> None:
         """Aborts an in-flight request (event-loop thread only) between steps; its handle

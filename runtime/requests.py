@@ -54,8 +54,9 @@ class Limits:
     # from the TopK graph, so it is also bounded by the batch limit and by K
     max_beams: int
     max_stop_tokens: int = 16
-    max_rating_pairs: int = 10_000  # pairs one PredictRatings call may rate
-    rating_chunk_size: int = 1024  # pairs one encoder run rates
+    # pairs one PredictRatings call may rate, and one encoder run rates
+    max_rating_pairs: int = RecommenderConfig.max_rating_pairs
+    rating_chunk_size: int = RecommenderConfig.rating_chunk_size
 
     @classmethod
     def of(

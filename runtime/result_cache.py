@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from .requests import FinishReason, Request, RequestOutput, Strategy
 
-# per-entry bookkeeping beyond the payload: the OrderedDict node, the tuples, the floats'
-# boxes (a measured ~0.5 KB for a 15-token answer with log-probs, rounded up)
+# per-entry bookkeeping beyond the payload: the OrderedDict node, the key and answer tuples.
+# Measured with tracemalloc on 20,000 15-token answers: 611 B each (771 B with log-probs);
+# this estimate gives 632 (752)
 ENTRY_OVERHEAD_BYTES = 512
 _BYTES_PER_VALUE = 8  # a token id or a log-prob, as a Python int/float in a tuple
 

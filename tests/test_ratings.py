@@ -246,3 +246,50 @@ def test_rate_on_a_stopped_engine_is_unavailable(runner, info):
             await engine.rate(request)
 
     asyncio.run(asyncio.wait_for(main(), TIMEOUT_S))
+
+
+def test_concurrent_rating_calls_take_turns_by_chunk(runner, info):
+    """A one-item call that arrives while a ten-chunk call runs waits for one chunk of it,
+    not for all ten: the engine queues one encoder run per call at a time."""
+    import threading
+
+    sizes, first_run, release = [], threading.Event(), threading.Event()
+
+    class GatedRater:
+        def __getattr__(self, name):
+            return getattr(runner, name)
+
+        def rate(self, users, items):
+            sizes.append(users.size)
+            if len(sizes) == 1:
+                first_run.set()
+                assert release.wait(TIMEOUT_S)
+            return runner.rate(users, items)
+
+    async def main():
+        engine = Engine(EngineCore(
+            GatedRater(), info, SchedulerConfig(num_slots=runner.num_slots),
+            recommender=RecommenderConfig(rating_chunk_size=8),
+        ))
+        engine.start()
+        try:
+            user, items = sorted(info.users)[0], sorted(info.items)
+            big = asyncio.ensure_future(engine.rate(engine.make_ratings(
+                "big", user_id=user, item_ids=(items * 2)[:80])))
+            while not first_run.is_set():
+                await asyncio.sleep(0.001)
+            small = asyncio.ensure_future(engine.rate(engine.make_ratings(
+                "small", user_id=user, item_ids=items[:1])))
+            # one turn of the loop: the small call's task runs up to its first await, by
+            # which time it has queued its run (asyncio runs ready tasks in FIFO order)
+            await asyncio.sleep(0)
+            release.set()
+            return await big, await small
+        finally:
+            release.set()
+            engine.stop()
+
+    big, small = asyncio.run(asyncio.wait_for(main(), TIMEOUT_S))
+    assert sizes == [8, 1] + [8] * 9
+    assert big.num_runs == 10 and small.num_runs == 1
+    np.testing.assert_array_equal(small.ratings, big.ratings[:1])
