@@ -5,6 +5,9 @@ It serves the same engine as gruserve.v1, through the same guard (rpc.ServicerBa
 same limits, status table, metrics (`gruserve_requests{rpc, code}`) and cancellation. A
 request with N rows is N generations decoded concurrently (all submitted, then gathered).
 
+ModelInfer answers rows from the result cache when it holds them (Served.lookup, as
+gruserve.v1 does); ModelStreamInfer always decodes.
+
 ModelStreamInfer serves the requests of a stream concurrently. Each is its own unit: it
 reads the model that is current when it arrives (a long-lived stream follows reloads), it
 is counted on its own, and its error comes back in-band (`error_message`) while the stream
@@ -30,7 +33,7 @@ from .errors import NotFoundError
 from .model_host import Served
 from .oip_convert import InferCall, Row
 from .requests import RequestOutput
-from .rpc import RpcScope, ServicerBase, all_results, loggable_id
+from .rpc import RpcScope, ServicerBase, gather_all, loggable_id
 from .telemetry import RpcTelemetry
 
 log = logging.getLogger(__name__)
@@ -107,10 +110,10 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context):
         async with self._guard("ModelInfer", context) as scope:
             call = self._prepare(scope, request, stream=False)
-            handles = [self._submit(scope, r) for r in call.requests]
-            outputs = await all_results(handles)
+            # rows the result cache holds are replayed, the rest decoded concurrently
+            answers = await gather_all(self._answer(scope, r) for r in call.requests)
             info = scope.engine.info
-            rows = [oip_convert.row_of(self._finished(scope, o), info) for o in outputs]
+            rows = [oip_convert.row_of(output, info) for output, _cached in answers]
             return oip_convert.infer_response(call, rows)
 
     async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext):

@@ -104,10 +104,6 @@ async def gather_all(awaitables: Iterable[Awaitable]) -> list:
             task.cancel()
 
 
-async def all_results(handles: list[RequestHandle]) -> list[RequestOutput]:
-    """Every handle's result in order; the first failure ends the wait for all of them."""
-    return await gather_all(h.result() for h in handles)
-
 
 class ServicerBase:
     """The guard, submission and bookkeeping shared by the protocol servicers.

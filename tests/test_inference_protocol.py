@@ -36,7 +36,9 @@ SAMPLE = dict(strategy="sample", max_tokens=12, temperature=1.5, top_p=0.95, see
 
 @pytest.fixture(scope="module")
 def server(synthetic_bundle_dir):
-    with running_server(synthetic_bundle_dir, metrics_port=0) as s:
+    # no result cache: these tests compare what each protocol decodes, and the cache would
+    # answer one protocol with the other's answers (tests/test_result_cache.py tests it)
+    with running_server(synthetic_bundle_dir, metrics_port=0, cache_size=0) as s:
         yield s
 
 

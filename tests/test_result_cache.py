@@ -311,3 +311,22 @@ def test_a_reload_invalidates_the_cache(tiny_bundle_dir, tmp_path, users_items):
         assert not after.cached  # decoded again by the new bundle's engine
         assert list(after.token_ids) == list(computed.token_ids)  # the same weights
         assert client.generate(**pair, return_logprobs=True).cached
+
+
+def test_model_infer_of_the_inference_protocol_reads_the_same_cache(server, client,
+                                                                     users_items):
+    import tritonclient.grpc as triton
+
+    pair = _fresh_pair(users_items)
+    computed = client.generate(**pair)
+    admitted = server.engine.stats.num_admitted
+    inputs = []
+    for name, value in (("USER_ID", pair["user"]), ("ITEM_ID", pair["item"])):
+        tensor = triton.InferInput(name, [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
+        inputs.append(tensor)
+    with triton.InferenceServerClient(server.target) as oip:
+        result = oip.infer(server.bundle.name, inputs)
+    length = int(result.as_numpy("LENGTHS")[0])
+    assert result.as_numpy("TOKEN_IDS")[0, :length].tolist() == list(computed.token_ids)
+    assert server.engine.stats.num_admitted == admitted  # replayed, not decoded
