@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # torch lives there; building from weights never needs it
 
 log = logging.getLogger(__name__)
 
+FALLBACK_METHOD = "mean of the trained embeddings"
+
 _DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64", TensorProto.FLOAT16: "float16"}
 
 # role-level names the runtime binds, per graph role
@@ -184,6 +186,10 @@ def write_bundle_from_weights(
             "onnxruntime_version": ort.__version__,
             "graphs": manifest_graphs,
             "files": files,
+            # the encoder's embedding rows for unknown ids (weights.fallback_embeddings)
+            "fallback_entities": {
+                "user": cfg.num_users, "item": cfg.num_items, "method": FALLBACK_METHOD,
+            },
             "training": training or {},
             "verify": None,
         }

@@ -235,8 +235,15 @@ def build_encoder_graph(weights: NRTWeights, precision: str = "fp32") -> onnx.Mo
     pool_type = precision_spec(precision).onnx_dtype
     g = _GraphBuilder()
     _axes_consts(g)
-    user_table = g.weight("encoder.user_embeddings.weight", weights.user_embeddings)
-    item_table = g.weight("encoder.item_embeddings.weight", weights.item_embeddings)
+    # one extra row per table, after the known entities' rows: the fallback embedding that
+    # serve --unknown-entities fallback conditions unknown ids on (manifest fallback_entities)
+    user_fallback, item_fallback = weights.fallback_embeddings()
+    user_table = g.weight(
+        "encoder.user_embeddings.weight", np.vstack([weights.user_embeddings, user_fallback])
+    )
+    item_table = g.weight(
+        "encoder.item_embeddings.weight", np.vstack([weights.item_embeddings, item_fallback])
+    )
     u = g.op("Gather", [user_table, USERS], axis=0)  # (B, E)
     i = g.op("Gather", [item_table, ITEMS], axis=0)  # (B, E)
     ui = g.op("Concat", [u, i], axis=1)  # (B, 2E)

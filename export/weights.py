@@ -86,6 +86,13 @@ class NRTWeights:
         _check_shape("gru_bias_hh", self.gru_bias_hh, (3 * H,))
         self.output.check("output", H, V)
 
+    def fallback_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (user, item) embeddings an unknown user / item is conditioned on: the mean of
+        the trained rows. An unknown entity is, for all the model knows, a random known one;
+        the mean is the point closest to them on average (squared distance), and it lies
+        where the rating MLP and the state encoder were trained, unlike a zero vector."""
+        return self.user_embeddings.mean(axis=0), self.item_embeddings.mean(axis=0)
+
     @classmethod
     def synthetic(
         cls, config: ModelConfig, seed: int, *, eos_id: int | None = None, eos_bias: float = 0.0

@@ -21,9 +21,9 @@ MAX_BATCH = 8  # GenerateBatch's limit: rank-then-explain splits above it
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir):
+def server(synthetic_bundle_dir):
     # no result cache: explanations are compared with the same requests decoded alone
-    with running_server(tiny_bundle_dir, metrics_port=0, max_rating_pairs=MAX_PAIRS,
+    with running_server(synthetic_bundle_dir, metrics_port=0, max_rating_pairs=MAX_PAIRS,
                         rating_chunk_size=CHUNK, max_batch_requests=MAX_BATCH,
                         cache_size=0) as s:
         yield s
@@ -36,8 +36,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def entities(tiny_bundle):
-    return list(tiny_bundle.users), list(tiny_bundle.items)
+def entities(synthetic_bundle):
+    return list(synthetic_bundle.users), list(synthetic_bundle.items)
 
 
 def _error(call, **kwargs) -> grpc.RpcError:
@@ -55,7 +55,7 @@ def test_ratings_of_one_users_items_come_back_in_request_order(client, server, e
     assert list(reply.item_ids) == candidates
     assert not reply.user_fallback and not reply.item_fallback
     # the same ratings the decode path's encoder gives (Generate's predicted_rating)
-    for index in (0, 17, len(candidates) - 1):
+    for index in (0, len(candidates) // 2, len(candidates) - 1):
         generated = client.generate(user=users[3], item=candidates[index], max_tokens=1)
         assert np.float32(reply.ratings[index]) == np.float32(generated.predicted_rating)
     assert 0 <= reply.queue_ms <= reply.total_ms and reply.total_ms > 0
@@ -140,7 +140,8 @@ def test_rank_and_explain(client, entities):
 
 def test_async_rank_and_explain_splits_more_than_one_batch(server, client, entities):
     users, items = entities
-    top = 2 * MAX_BATCH + 3
+    top = len(items)
+    assert top > MAX_BATCH  # so that the explanations take two GenerateBatch calls
 
     async def main():
         async with AsyncGruserveClient(server.target) as aclient:
@@ -157,14 +158,14 @@ def test_async_rank_and_explain_splits_more_than_one_batch(server, client, entit
 def test_cli_rank(server, client, entities, tmp_path, capsys):
     users, items = entities
     candidates = tmp_path / "items.txt"
-    candidates.write_text("# candidates\n" + "\n".join(items[:20]) + "\n\n")
+    candidates.write_text("# candidates\n" + "\n".join(items) + "\n\n")
     args = ["rank", "--user", users[2], "--items", str(candidates), "--top", "3",
             "--target", server.target, "--max-tokens", "6"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    best = client.predict_ratings(user=users[2], items=items[:20], top_k=3)
+    best = client.predict_ratings(user=users[2], items=items, top_k=3)
     lines = out.strip().splitlines()
-    assert lines[0] == f"user {users[2]}: the top 3 of 20 candidate items"
+    assert lines[0] == f"user {users[2]}: the top 3 of {len(items)} candidate items"
     assert [line.split()[1] for line in lines[1:]] == list(best.item_ids)
     assert main([*args, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

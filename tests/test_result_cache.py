@@ -156,8 +156,8 @@ def test_invalidate_forgets_all_and_refuses_other_versions():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_dir):
-    with running_server(tiny_bundle_dir, metrics_port=0, cache_size=64) as s:
+def server(synthetic_bundle_dir):
+    with running_server(synthetic_bundle_dir, metrics_port=0, cache_size=64) as s:
         yield s
 
 
@@ -168,8 +168,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def users_items(tiny_bundle):
-    return tiny_bundle.users, tiny_bundle.items
+def users_items(synthetic_bundle):
+    return synthetic_bundle.users, synthetic_bundle.items
 
 
 _PAIRS_USED = itertools.count()
@@ -179,7 +179,8 @@ def _fresh_pair(users_items):
     """A pair no other test asked for (so its first request is always a miss)."""
     users, items = users_items
     n = next(_PAIRS_USED)
-    return {"user": users[n % len(users)], "item": items[(n // len(users) + 7 * n) % len(items)]}
+    assert n < len(users) * len(items)
+    return {"user": users[n // len(items)], "item": items[n % len(items)]}
 
 
 def _f32(values) -> bytes:
@@ -267,10 +268,10 @@ def test_metrics_and_model_info_show_the_cache(server, client, users_items):
     assert client.model_info().cache_size == 64
 
 
-def test_evictions_are_counted_and_evicted_answers_are_decoded_again(tiny_bundle_dir,
+def test_evictions_are_counted_and_evicted_answers_are_decoded_again(synthetic_bundle_dir,
                                                                      users_items):
     users, items = users_items
-    with running_server(tiny_bundle_dir, metrics_port=0, cache_size=2) as server, \
+    with running_server(synthetic_bundle_dir, metrics_port=0, cache_size=2) as server, \
             GruserveClient(server.target, timeout=30) as client:
         pairs = [{"user": users[i], "item": items[i]} for i in range(3)]
         for pair in pairs:
@@ -280,9 +281,9 @@ def test_evictions_are_counted_and_evicted_answers_are_decoded_again(tiny_bundle
         assert not client.generate(**pairs[0]).cached  # the least recently used went
 
 
-def test_no_cache_with_cache_size_0(tiny_bundle_dir, users_items):
+def test_no_cache_with_cache_size_0(synthetic_bundle_dir, users_items):
     users, items = users_items
-    with running_server(tiny_bundle_dir, cache_size=0) as server, \
+    with running_server(synthetic_bundle_dir, cache_size=0) as server, \
             GruserveClient(server.target, timeout=30) as client:
         pair = {"user": users[0], "item": items[0]}
         assert not any(client.generate(**pair).cached for _ in range(3))
@@ -290,15 +291,15 @@ def test_no_cache_with_cache_size_0(tiny_bundle_dir, users_items):
         assert server.server.cache is None
 
 
-def test_a_reload_invalidates_the_cache(tiny_bundle_dir, tmp_path, users_items):
+def test_a_reload_invalidates_the_cache(synthetic_bundle_dir, tmp_path, users_items):
     users, items = users_items
     # the same weights under another manifest: a different bundle version
     changed = tmp_path / "changed"
-    shutil.copytree(tiny_bundle_dir, changed)
+    shutil.copytree(synthetic_bundle_dir, changed)
     manifest = json.loads((changed / "manifest.json").read_text())
     manifest["model_name"] = "tiny-reloaded"
     (changed / "manifest.json").write_text(json.dumps(manifest))
-    with running_server(tiny_bundle_dir, cache_size=64) as server, \
+    with running_server(synthetic_bundle_dir, cache_size=64) as server, \
             GruserveClient(server.target, timeout=30) as client:
         pair = {"user": users[1], "item": items[1]}
         computed = client.generate(**pair, return_logprobs=True)
