@@ -77,3 +77,12 @@ def entities(synthetic_bundle_dir):
     """(users, items): the synthetic bundle's external ids."""
     data = json.loads((synthetic_bundle_dir / "entities.json").read_text())
     return data["users"], data["items"]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """A gruserve.v1 client of the module's own `server` fixture (a ServerThread)."""
+    from gruserve.runtime.client import GruserveClient
+
+    with GruserveClient(server.target, timeout=30) as c:
+        yield c

@@ -34,12 +34,6 @@ def server(synthetic_bundle_dir):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with GruserveClient(server.target, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def known(synthetic_bundle):
     return synthetic_bundle.users[0], synthetic_bundle.items[0]
 

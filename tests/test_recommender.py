@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gruserve.runtime.cli import main
-from gruserve.runtime.client import AsyncGruserveClient, GruserveClient
+from gruserve.runtime.client import AsyncGruserveClient
 
 from .serving import running_server
 
@@ -27,17 +27,6 @@ def server(synthetic_bundle_dir):
                         rating_chunk_size=CHUNK, max_batch_requests=MAX_BATCH,
                         cache_size=0) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with GruserveClient(server.target, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def entities(synthetic_bundle):
-    return list(synthetic_bundle.users), list(synthetic_bundle.items)
 
 
 def _error(call, **kwargs) -> grpc.RpcError:

@@ -162,12 +162,6 @@ def server(synthetic_bundle_dir):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with GruserveClient(server.target, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def users_items(synthetic_bundle):
     return synthetic_bundle.users, synthetic_bundle.items
 
