@@ -16,9 +16,9 @@
 3. the result cache: a Zipf(1.1) stream of (user, item) pairs over the demo corpus's pairs
    (rank = a seeded shuffle of the distinct pairs), greedy tips. The LRU hit ratio by cache
    size, simulated on a long stream; then the stream through servers with the default
-   --cache-size and with 0, side by side: measured hit ratio and tokens/s, on the demo
-   bundle (built on first use, ~1-2 CPU minutes; its decoder is so small that a request
-   costs mostly its RPC) and on the reference sizes (where decoding is the cost).
+   --cache-size and with 0, side by side: measured hit ratio and tokens/s, on the embedded
+   demo bundle (its decoder is so small that a request costs mostly its RPC) and on the
+   reference sizes (where decoding is the cost).
 
 "Reference sizes" is an untrained NRT (emb 300, hidden 400, vocab 20004; bench/serve.py's,
 <eos> bias -1e4: every tip is 15 tokens). Servers are subprocesses; the harness runs in
@@ -316,18 +316,19 @@ def on_reference_entities(stream: list, pairs: list) -> list[tuple[str, str]]:
     return [(users[u], items[i]) for u, i in stream]
 
 
-def cache_side_by_side(bundle_dir: Path, work: Path, stream: list, plan: Plan) -> dict:
+def cache_side_by_side(model: str, bundle_dir: Path, work: Path, stream: list,
+                       plan: Plan) -> dict:
     """--cache-size 0 and the default, both servers up, the stream's slices interleaved."""
     with contextlib.ExitStack() as stack:
         servers = {}
         for size in (0, RecommenderConfig().cache_size):
-            server, port = _serve(bundle_dir, work, f"{bundle_dir.name}-cache-{size}",
-                                  "--cache-size", str(size))
+            name = f"{model.replace(' ', '-')}-cache-{size}"
+            server, port = _serve(bundle_dir, work, name, "--cache-size", str(size))
             target, _pid = stack.enter_context(server)
             servers[size] = (target, port)
         streamed = asyncio.run(bench_cache(servers, stream, plan.rounds))
     for size, d in streamed.items():
-        print(f"  {bundle_dir.name} cache {size:>5}: hit ratio {d.hit_ratio:.3f}  "
+        print(f"  {model}, cache {size:>5}: hit ratio {d.hit_ratio:.3f}  "
               f"{d.tokens_per_s:,.0f} tok/s", flush=True)
     return streamed
 
@@ -415,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         with server as (target, _pid):
             ratings = asyncio.run(bench_ratings(target, port, users, items, plan))
         print("3. result cache", flush=True)
-        from gruserve.runtime.demo import ensure_demo_bundle
+        from gruserve.runtime.demo import demo_bundle_dir
 
-        demo = ensure_demo_bundle()
+        demo = demo_bundle_dir()
         pairs = demo_pairs()
         long_stream = zipf_stream(pairs, plan.simulated_requests, seed=1)
         simulated = [(s, lru_hit_ratio(long_stream, s)) for s in CACHE_SIZES]
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             ("demo bundle", demo, stream),
             ("reference sizes", bundle, on_reference_entities(stream, pairs)),
         ):
-            streamed[model] = cache_side_by_side(bundle_dir, work, model_stream, plan)
+            streamed[model] = cache_side_by_side(model, bundle_dir, work, model_stream, plan)
         text = report(meta, plan, chunks, ratings, simulated, streamed, len(pairs))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)

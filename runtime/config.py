@@ -193,11 +193,11 @@ class RecommenderConfig:
         10_000, "most (user, item) pairs one PredictRatings call may rate", minimum=1
     )
     # one encoder run per chunk, and concurrent calls take turns by chunk: the chunk is how
-    # long a small call may wait behind a big one. On 2 CPU cores at the reference sizes
-    # ratings/s is flat from 32 to 1,024 (noise-bound) while a one-item call beside a stream
-    # of big calls waits ~4 ms (64), ~15-28 ms (256), ~75-120 ms (1,024) at p50; 256 keeps
-    # that under one decode step at c=64 (~30 ms) and leaves a GPU 4x more rows per run
-    # than 64 (bench/recommender.py)
+    # long a small call may wait behind a big one. bench/recommender.py --quick, 2 CPU cores,
+    # reference sizes, chunks of 64/256/1,024/4,096: 38k/41k/42k/28k ratings/s, and a
+    # one-item call beside a stream of big calls waits 1.6/5.3/16/86 ms at p50 (a loaded
+    # run: the same order, 2-5x slower). 256 is within 2% of the best throughput for a
+    # third of 1,024's wait, and gives a GPU 4x more rows per run than 64
     rating_chunk_size: int = setting(
         256, "most pairs one encoder run rates (a bigger call runs in chunks, taking turns "
         "with other calls)", minimum=1,
