@@ -20,9 +20,10 @@
    demo bundle (its decoder is so small that a request costs mostly its RPC) and on the
    reference sizes (where decoding is the cost).
 
-"Reference sizes" is an untrained NRT (emb 300, hidden 400, vocab 20004; bench/serve.py's,
-<eos> bias -1e4: every tip is 15 tokens). Servers are subprocesses; the harness runs in
-this process on the same cores. Needs the export extra (torch, onnx).
+"Reference sizes" is an untrained NRT (emb 300, hidden 400, vocab 20004;
+bench/reference_model.py, <eos> bias -1e4: every tip is 15 tokens). Servers are
+subprocesses; the harness runs in this process on the same cores. Needs the export extra
+(torch, onnx).
 """
 
 from __future__ import annotations
@@ -31,15 +32,20 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import os
+import platform
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from serve import build_reference_model, free_port, launched, machine_meta  # bench/serve.py
+from machine import machine_line  # bench/: scripts run from there
+from reference_model import build_reference_model
+from serve import free_port, launched
 
 from gruserve.runtime.client import AsyncGruserveClient, Connection
 from gruserve.runtime.config import RecommenderConfig
@@ -343,7 +349,7 @@ def report(meta, plan, chunks, ratings, simulated, streamed, num_pairs) -> str:
     out = [
         "# Recommender benchmark: ratings, ratings beside decoding, the result cache", "",
         f"- command: `{meta['command']}`",
-        f"- machine: {meta['cpu']} ({meta['cores']} cores), {meta['platform']}",
+        f"- machine: {meta['machine']}, {meta['platform']}",
         f"- date: {meta['date']}; onnxruntime {meta['onnxruntime']}, grpcio {meta['grpcio']}",
         "- sections 1-2: untrained NRT at the reference sizes (emb 300, hidden 400, vocab "
         "20004); section 3: the demo bundle", "",
@@ -388,6 +394,18 @@ def report(meta, plan, chunks, ratings, simulated, streamed, num_pairs) -> str:
     return "\n".join(out)
 
 
+def machine_meta() -> dict:
+    import grpc
+    import onnxruntime
+
+    return {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "machine": machine_line(), "platform": f"{platform.system()} {platform.release()}",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "onnxruntime": onnxruntime.__version__, "grpcio": grpc.__version__,
+    }
+
+
 def _serve(bundle: Path, work: Path, name: str, *extra: str):
     port = free_port()
     cmd = [sys.executable, "-m", "gruserve.runtime", "--log-level", "WARNING", "serve",
@@ -401,13 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "recommender.md"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary model dir")
     args = parser.parse_args(argv)
-    args.device = "cpu"
     plan = QUICK if args.quick else FULL
-    meta = machine_meta(args)
+    meta = machine_meta()
     work = Path(tempfile.mkdtemp(prefix="gruserve-bench-rec-"))
     try:
         print(f"building the reference model in {work} ...", flush=True)
-        _, bundle = build_reference_model(work, 1000, 1000)
+        bundle = build_reference_model(work, 1000, 1000).bundle
         users, items = [f"u{i}" for i in range(1000)], [f"i{i}" for i in range(1000)]
         print("1. rating chunk size (in-process)", flush=True)
         chunks = bench_chunks(bundle, plan)
