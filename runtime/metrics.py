@@ -115,9 +115,11 @@ class ServiceMetrics:
         self.fallbacks = Counter(
             "gruserve_entity_fallbacks",
             "Unknown users / items conditioned on the fallback embedding (--unknown-entities "
-            "fallback): requests for Generate*, pairs for PredictRatings",
-            ["rpc", "side"], registry=r,
+            "fallback): one per request of Generate*, one per pair of PredictRatings",
+            ["side"], registry=r,
         )
+        for side in ("user", "item"):  # both series exist from the start, at 0
+            self.fallbacks.labels(side=side)
         self.rated_pairs = Counter(
             "gruserve_rated_pairs", "(user, item) pairs rated by PredictRatings", registry=r
         )
@@ -126,11 +128,11 @@ class ServiceMetrics:
         """Exports the result cache's stats (read at scrape time)."""
         self.registry.register(_CacheCollector(cache.stats))
 
-    def count_fallbacks(self, rpc: str, *, users: int, items: int) -> None:
+    def count_fallbacks(self, *, users: int, items: int) -> None:
         if users:
-            self.fallbacks.labels(rpc=rpc, side="user").inc(users)
+            self.fallbacks.labels(side="user").inc(users)
         if items:
-            self.fallbacks.labels(rpc=rpc, side="item").inc(items)
+            self.fallbacks.labels(side="item").inc(items)
 
     def set_model(self, name: str, version: str) -> None:
         """The bundle being served (an info metric: 1 for the current one only)."""

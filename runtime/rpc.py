@@ -199,10 +199,19 @@ class ServicerBase:
         scope.record.queued(handle.request_id)
         return handle
 
+    def _lookup(self, scope: RpcScope, request: Request) -> RequestOutput | None:
+        """The result cache's answer to a built request (Served.lookup), or None. A hit is
+        in the RPC's access log and span like a decoded answer, but not in the engine's
+        request metrics: it never reached the engine."""
+        cached = scope.served.lookup(request)
+        if cached is not None:
+            scope.record.replayed(cached.request_id, cached)
+        return cached
+
     async def _answer(self, scope: RpcScope, request: Request) -> tuple[RequestOutput, bool]:
         """(final output, whether the result cache answered it) of a built request: from
-        the cache when it can (Served.lookup), else decoded, and then remembered."""
-        cached = scope.served.lookup(request)
+        the cache when it can, else decoded, and then remembered."""
+        cached = self._lookup(scope, request)
         if cached is not None:
             return cached, True
         output = self._finished(scope, await self._submit(scope, request).result())

@@ -47,16 +47,16 @@ class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
         logs.set_request_id(scope.ids())
         return request
 
-    def _count_fallbacks(self, rpc: str, requests: list[Request]) -> None:
+    def _count_fallbacks(self, requests: list[Request]) -> None:
         self.metrics.count_fallbacks(
-            rpc, users=sum(r.user_fallback for r in requests),
+            users=sum(r.user_fallback for r in requests),
             items=sum(r.item_fallback for r in requests),
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         async with self._guard("Generate", context) as scope:
             prepared = self._prepare(scope, request, False, single=True)
-            self._count_fallbacks("Generate", [prepared])
+            self._count_fallbacks([prepared])
             output, cached = await self._answer(scope, prepared)
             return convert.generate_response(
                 output, scope.engine.info, request=prepared, cached=cached
@@ -65,9 +65,9 @@ class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         async with self._guard("GenerateStream", context) as scope:
             prepared = self._prepare(scope, request, True, single=True)
-            self._count_fallbacks("GenerateStream", [prepared])
+            self._count_fallbacks([prepared])
             info = scope.engine.info
-            cached = scope.served.lookup(prepared)
+            cached = self._lookup(scope, prepared)
             if cached is not None:  # the whole answer in one message
                 await context.write(convert.stream_response(
                     cached, info, first=True, request=prepared, cached=True
@@ -103,7 +103,7 @@ class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
             ids = [r.client_id for r in prepared]
             if len(set(ids)) != len(ids):
                 raise InvalidRequestError("requests", "request_id values must be unique")
-            self._count_fallbacks("GenerateBatch", prepared)
+            self._count_fallbacks(prepared)
             # the cache answers what it can; the rest is decoded concurrently
             answers = await gather_all(self._answer(scope, r) for r in prepared)
             info = scope.engine.info
@@ -124,7 +124,7 @@ class GeneratorServicer(ServicerBase, pb_grpc.GeneratorServicer):
                 logs.set_request_id(scope.ids())
             prepared = convert.rating_request(scope.engine, request, request_id=request_id)
             self.metrics.count_fallbacks(
-                "PredictRatings", users=int(prepared.user_fallback.sum()),
+                users=int(prepared.user_fallback.sum()),
                 items=int(prepared.item_fallback.sum()),
             )
             output = await scope.engine.rate(prepared)

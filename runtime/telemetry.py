@@ -50,6 +50,11 @@ class RpcRecord:
         self.num_tokens += len(output.token_ids or ())
         self.span.finished(request_id, output)
 
+    def replayed(self, request_id: str, output: RequestOutput) -> None:
+        """A request answered from the result cache."""
+        self.num_tokens += len(output.token_ids or ())
+        self.span.replayed(request_id, output)
+
 
 def _header(metadata, key: str) -> str | None:
     for name, value in metadata or ():

@@ -99,6 +99,16 @@ class RpcSpan:
         end = start + int((output.total_s or 0.0) * 1e9)
         span.add_event("finished", finished, end)
 
+    def replayed(self, request_id: str, output: RequestOutput) -> None:
+        """A request the result cache answered: one finished event, flagged cached (it
+        was never queued, admitted or decoded)."""
+        if self._span is not None:
+            reason = output.finish_reason.value if output.finish_reason else "unknown"
+            self._span.add_event("finished", {
+                "gruserve.request_id": request_id, "gruserve.finish_reason": reason,
+                "gruserve.num_tokens": len(output.token_ids or ()), "gruserve.cached": True,
+            })
+
     def end(self, request_id: str, code) -> None:
         """Ends the span with the RPC's request id and `code` (a grpc.StatusCode)."""
         span = self._span

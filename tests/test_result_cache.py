@@ -325,3 +325,25 @@ def test_model_infer_of_the_inference_protocol_reads_the_same_cache(server, clie
     length = int(result.as_numpy("LENGTHS")[0])
     assert result.as_numpy("TOKEN_IDS")[0, :length].tolist() == list(computed.token_ids)
     assert server.engine.stats.num_admitted == admitted  # replayed, not decoded
+
+
+def test_a_replayed_answer_is_one_finished_span_event_flagged_cached(synthetic_bundle_dir,
+                                                                      users_items):
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    users, items = users_items
+    pair = {"user": users[0], "item": items[0]}
+    with running_server(synthetic_bundle_dir, tracer_provider=provider) as server, \
+            GruserveClient(server.target, timeout=30) as client:
+        computed = client.generate(**pair, request_id="computed")
+        assert client.generate(**pair, request_id="replayed").cached
+    spans = {s.attributes["gruserve.request_id"]: s for s in exporter.get_finished_spans()}
+    assert [e.name for e in spans["computed"].events][0] == "queued"
+    (event,) = spans["replayed"].events
+    assert event.name == "finished" and event.attributes["gruserve.cached"] is True
+    assert event.attributes["gruserve.num_tokens"] == len(computed.token_ids)
