@@ -242,7 +242,16 @@ class LifecycleConfig:
     """Start-up and shutdown."""
 
     grace_s: float = setting(
-        10.0, "seconds in-flight requests get to finish on SIGTERM", flag="--grace", minimum=0
+        10.0, "on SIGTERM/SIGINT, seconds the accepted requests get to finish once the "
+        "server stops accepting; what is left then ends UNAVAILABLE", flag="--grace",
+        minimum=0, metavar="SECONDS",
+    )
+    # Kubernetes removes a terminating pod's endpoint while it already runs the SIGTERM:
+    # the delay covers that, so that no call arrives after the stop of accepting
+    shutdown_delay_s: float = setting(
+        0.0, "on SIGTERM/SIGINT, seconds to keep serving with health NOT_SERVING before the "
+        "stop of accepting, while load balancers remove the endpoint; the process exits "
+        "within delay + grace", flag="--shutdown-delay", minimum=0, metavar="SECONDS",
     )
     # a real request through every graph before SERVING, so the first client does not pay
     warmup: bool = setting(True, "run one request through every graph before SERVING")
