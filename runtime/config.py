@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,8 @@ def _check_bounds(section: Any) -> None:
         value = getattr(section, f.name)
         if value is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every bound
+            raise ConfigError(flag_of(f), f"must be a finite number, got {value}")
         if spec.choices is not None and value not in spec.choices:
             raise ConfigError(
                 flag_of(f), f"must be one of {', '.join(spec.choices)}, got {value!r}"
