@@ -37,29 +37,12 @@ from collections.abc import Callable, Sequence
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
+from .refusal import refusal_handler
+
 log = logging.getLogger(__name__)
 
 BARRIER_KEY = "gruserve-drain-barrier"
 REFUSED = "the server is shutting down and accepts no new calls; retry on another replica"
-
-
-async def _refuse_unary(request_or_iterator, context: grpc.aio.ServicerContext):
-    await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
-
-
-async def _refuse_streaming(request_or_iterator, context: grpc.aio.ServicerContext):
-    await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
-    yield  # pragma: no cover - makes this an async generator
-
-
-_REFUSAL = {
-    # (request_streaming, response_streaming) -> a refusal of the same shape, so that grpc
-    # reads and writes the call the way the client expects
-    (False, False): grpc.unary_unary_rpc_method_handler(_refuse_unary),
-    (False, True): grpc.unary_stream_rpc_method_handler(_refuse_streaming),
-    (True, False): grpc.stream_unary_rpc_method_handler(_refuse_unary),
-    (True, True): grpc.stream_stream_rpc_method_handler(_refuse_streaming),
-}
 
 
 class DrainGate(grpc.aio.ServerInterceptor):
@@ -80,6 +63,13 @@ class DrainGate(grpc.aio.ServerInterceptor):
             for service in services
             for m in service.methods
         }
+        self._refusals = {
+            method: refusal_handler(
+                grpc.StatusCode.UNAVAILABLE, REFUSED,
+                request_streaming=request_streaming, response_streaming=response_streaming,
+            )
+            for method, (request_streaming, response_streaming) in self._shapes.items()
+        }
         self._on_refused = on_refused
         self._token = secrets.token_hex(16)  # a barrier comes from this server, no one else
         self._closed: set[str] = set()
@@ -99,16 +89,15 @@ class DrainGate(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        shape = self._shapes.get(method)
-        if shape is None:  # another service (health, reflection) or an unknown method
+        if method not in self._shapes:  # another service (health, reflection), or unknown
             return await continuation(handler_call_details)
         if self._is_barrier(handler_call_details.invocation_metadata):
             self._closed.add(method)
-            return _REFUSAL[shape]
+            return self._refusals[method]
         if method in self._closed:
             if self._on_refused is not None:
                 self._on_refused(method, tuple(handler_call_details.invocation_metadata or ()))
-            return _REFUSAL[shape]
+            return self._refusals[method]
         self._admit()
         return await continuation(handler_call_details)
 
