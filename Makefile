@@ -23,13 +23,14 @@ RUNTIME_BIN  := $(RUNTIME_VENV)/bin
 PACKAGE_SRC  := pyproject.toml $(shell find export runtime protos -type f \
 	-not -path '*/__pycache__/*' -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: setup serve test test-runtime lint deploy-check proto bench bench-env bench-serve-quick \
-	demo-bundle synthetic-bundle clean help
+.PHONY: setup serve test test-runtime stress lint deploy-check proto bench bench-env \
+	bench-serve-quick demo-bundle synthetic-bundle clean help
 
 help:
 	@echo "make serve          install the runtime only ($(RUNTIME_VENV)) and serve the demo model on 127.0.0.1:50051"
 	@echo "make test           set up $(VENV) (torch CPU, onnx) and run the whole test suite"
 	@echo "make test-runtime   the torch-free lane: the tests that need neither torch nor onnx, in $(RUNTIME_VENV)"
+	@echo "make stress         the real-process shutdown scenario the suite runs once, 21 times (~2 minutes)"
 	@echo "make lint           ruff"
 	@echo "make deploy-check   lint the Dockerfile, validate deploy/kubernetes (offline)"
 	@echo "make proto          regenerate the protobuf code from protos/"
@@ -86,6 +87,10 @@ test: setup
 # tests needing torch or onnx skip (visibly); test_torch_free.py checks the lane itself
 test-runtime: $(RUNTIME_VENV)/.installed-dev
 	TEST_LANE=runtime $(RUNTIME_BIN)/python -m pytest $(ARGS)
+
+# -rP prints each run's outcome (in flight, after the signal, time to exit)
+stress: setup
+	$(BIN)/python -m pytest -m stress -rP $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check export runtime tests bench

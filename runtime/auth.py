@@ -14,6 +14,8 @@ from pathlib import Path
 
 import grpc
 
+from .refusal import refusal_handler
+
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 DENIED = "missing or invalid bearer token"
 
@@ -40,24 +42,6 @@ def _digest(value: str | bytes) -> bytes:
     # comparing fixed-size digests keeps even the token's length out of the timing
     data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
     return hashlib.sha256(data).digest()
-
-
-async def _deny_unary(request_or_iterator, context: grpc.aio.ServicerContext):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
-
-
-async def _deny_streaming(request_or_iterator, context: grpc.aio.ServicerContext):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
-    yield  # pragma: no cover - makes this an async generator
-
-
-_DENY_FACTORIES = {
-    # (request_streaming, response_streaming) -> handler factory of the same shape
-    (False, False): (grpc.unary_unary_rpc_method_handler, _deny_unary),
-    (False, True): (grpc.unary_stream_rpc_method_handler, _deny_streaming),
-    (True, False): (grpc.stream_unary_rpc_method_handler, _deny_unary),
-    (True, True): (grpc.stream_stream_rpc_method_handler, _deny_streaming),
-}
 
 
 def bearer_credentials(header: str | bytes) -> str | bytes:
@@ -102,11 +86,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return None  # an unknown method: UNIMPLEMENTED, as without auth
         if self._on_denied is not None:
             self._on_denied(method, tuple(metadata))
-        # a denial of the same shape as the real handler, so that grpc reads and writes the
-        # call the way the client expects
-        make, behaviour = _DENY_FACTORIES[(handler.request_streaming, handler.response_streaming)]
-        return make(
-            behaviour,
+        return refusal_handler(
+            grpc.StatusCode.UNAUTHENTICATED, DENIED,
+            request_streaming=handler.request_streaming,
+            response_streaming=handler.response_streaming,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -8,7 +8,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
+from typing import NoReturn
 
 from gruserve import __version__
 
@@ -29,6 +31,7 @@ log = logging.getLogger("gruserve")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    global _drained
     from .auth import load_token
     from .server import serve_forever
 
@@ -44,7 +47,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .demo import demo_bundle_dir
 
         bundle = demo_bundle_dir()
-    return asyncio.run(serve_forever(bundle, config))
+    code = asyncio.run(serve_forever(bundle, config))
+    _drained = True
+    return code
 
 
 def _parse_floats(text: str, name: str) -> list[float]:
@@ -281,6 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# set once `gruserve serve` has drained and closed everything: the program then ends at once
+_drained = False
+
+
+def run() -> NoReturn:
+    """The `gruserve` program (console script, `python -m gruserve.runtime`): main(), then
+    the exit. After a drain it skips the interpreter's teardown, module by module (0.2-0.4 s
+    on the 2-core machine), which would push the exit past delay + grace, where a supervisor
+    sends SIGKILL; there is nothing left to clean up but the logs, flushed here."""
+    code = main()
+    if _drained:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -296,4 +319,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,8 @@ def _check_bounds(section: Any) -> None:
         value = getattr(section, f.name)
         if value is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every bound
+            raise ConfigError(flag_of(f), f"must be a finite number, got {value}")
         if spec.choices is not None and value not in spec.choices:
             raise ConfigError(
                 flag_of(f), f"must be one of {', '.join(spec.choices)}, got {value!r}"
@@ -282,7 +285,16 @@ class LifecycleConfig:
     """Start-up and shutdown."""
 
     grace_s: float = setting(
-        10.0, "seconds in-flight requests get to finish on SIGTERM", flag="--grace", minimum=0
+        10.0, "on SIGTERM/SIGINT, seconds the accepted requests get to finish once the "
+        "server stops accepting; what is left then ends UNAVAILABLE", flag="--grace",
+        minimum=0, metavar="SECONDS",
+    )
+    # Kubernetes removes a terminating pod's endpoint while it already runs the SIGTERM:
+    # the delay covers that, so that no call arrives after the stop of accepting
+    shutdown_delay_s: float = setting(
+        0.0, "on SIGTERM/SIGINT, seconds to keep serving with health NOT_SERVING before the "
+        "stop of accepting, while load balancers remove the endpoint; the process exits "
+        "within delay + grace", flag="--shutdown-delay", minimum=0, metavar="SECONDS",
     )
     # a real request through every graph before SERVING, so the first client does not pay
     warmup: bool = setting(True, "run one request through every graph before SERVING")

@@ -211,6 +211,11 @@ class Engine:
         if self._rating_pool is not None:
             self._rating_pool.shutdown(wait=True)  # rating calls already running finish
 
+    def fail_unfinished(self, error: BaseException) -> None:
+        """Fails every unfinished request now with `error` (event-loop thread only), without
+        waiting for the decode thread: a shutdown out of time cannot wait for a step."""
+        self._fail_all(error)
+
     @property
     def healthy(self) -> bool:
         return (

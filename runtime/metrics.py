@@ -13,6 +13,9 @@ one process serves one model, and Prometheus joins labels from an info metric
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,9 +26,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from gruserve import __version__
@@ -43,6 +47,14 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# close() waits for the serving loop to notice, and a shutdown must fit in its grace period:
+# prometheus_client's own start_http_server polls every 0.5 s
+_POLL_S = 0.05
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+        """Scrapes are not logged."""
 
 
 class ServiceMetrics:
@@ -176,15 +188,29 @@ class ServiceMetrics:
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics endpoint; returns the bound port (0 picks a free one)."""
         try:
-            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+            server = self._http_server_on(host, port)
         except OSError as exc:
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise OSError(
                 f"cannot serve metrics on {address} (--metrics-host, --metrics-port): "
                 f"{exc.strerror or exc}"
             ) from None
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": _POLL_S},
+            name="gruserve-metrics", daemon=True,
+        ).start()
         self._http_server = server
         return server.server_port
+
+    def _http_server_on(self, host: str, port: int) -> ThreadingWSGIServer:
+        # an IPv6 host needs an IPv6 socket (the server class decides which)
+        family = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0][0]
+        server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+        return make_server(
+            host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler
+        )
 
     def close(self) -> None:
         server, self._http_server = getattr(self, "_http_server", None), None

@@ -1,15 +1,20 @@
 """The gRPC server: engine + servicer + health + reflection, TLS and auth, and a lifecycle.
 
 Health is NOT_SERVING until the model is loaded and warmed up, then SERVING. On SIGTERM or
-SIGINT it turns NOT_SERVING, stops accepting RPCs, lets in-flight ones finish within the
-grace period, and exits 0.
+SIGINT (the Kubernetes sequence): health turns NOT_SERVING for good while the server keeps
+serving for the shutdown delay (load balancers take the endpoint out meanwhile); then it
+stops accepting (new calls get UNAVAILABLE at once), gives the RPCs it accepted the grace
+period to finish, ends what is left with UNAVAILABLE (retryable), and exits 0 within
+delay + grace. A second signal ends the drain at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -28,7 +33,9 @@ from .auth import BearerTokenInterceptor
 from .bundle import Bundle, ModelInfo, load_bundle
 from .config import ConfigError, ServerConfig
 from .core import EngineCore
+from .drain import DrainGate
 from .engine import Engine
+from .errors import EngineDeadError
 from .metrics import ServiceMetrics
 from .model_host import ModelHost, Served
 from .oip_servicer import SERVICE_NAME as OIP_SERVICE_NAME
@@ -46,6 +53,12 @@ log = logging.getLogger(__name__)
 
 # the protocols served on the one port: health reports each of them (and "")
 SERVICES = (SERVICE_NAME, OIP_SERVICE_NAME)
+# the services whose calls the drain admits, waits for and refuses (health and reflection
+# stay open until grpc's own stop)
+DRAINED = (
+    pb.DESCRIPTOR.services_by_name["Generator"],
+    oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+)
 
 __all__ = ["GruServer", "ServerConfig", "build_engine", "format_address", "serve_forever"]
 
@@ -127,6 +140,29 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+# The end of the grace period kept for closing down, so that the process exits within
+# delay + grace: at most a quarter for the barrier's last refusals, a quarter for the RPCs
+# cut short to answer, CORE_STOP_GRACE_S for the core's stop, then the decode threads and
+# the metrics endpoint (one 50 ms poll). ~10 ms when nothing is cut short (2-core machine).
+TEARDOWN_RESERVE_S = 0.25
+CORE_STOP_GRACE_S = 0.05
+
+
+async def _within(aw, timeout: float, interrupted: asyncio.Event | None = None) -> bool:
+    """Awaits `aw` for at most `timeout` seconds, and not past `interrupted` being set;
+    True if it finished in time (it is cancelled otherwise)."""
+    work = asyncio.ensure_future(aw)
+    waiters = {work}
+    if interrupted is not None:
+        waiters.add(asyncio.ensure_future(interrupted.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return work.done() and not work.cancelled()
+
+
 class GruServer:
     """One serving process: call start(), then wait() or stop()."""
 
@@ -157,6 +193,8 @@ class GruServer:
         self._watchdog: asyncio.Task | None = None
         self._retiring: set[Engine] = set()  # replaced by a reload, finishing their requests
         self._reload_lock = asyncio.Lock()
+        self._gate: DrainGate | None = None
+        self._barrier_dir: str | None = None  # holds the Unix socket of the drain barrier
 
     def _served(self, bundle: Bundle) -> Served:
         engine = build_engine(bundle, self.config)
@@ -180,8 +218,10 @@ class GruServer:
         """Binds, starts the engine, warms up, then reports SERVING; returns the bound port."""
         config, transport = self.config, self.config.transport
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        # outermost first: refuse the unauthenticated before parsing anything
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        # outermost first: the drain gate decides in the order grpc hands out the calls;
+        # then refuse the unauthenticated before parsing anything
+        self._gate = DrainGate(DRAINED, on_refused=self.telemetry.refused)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self._gate]
         if transport.auth_token:
             interceptors.append(
                 BearerTokenInterceptor(transport.auth_token, on_denied=self.telemetry.denied)
@@ -221,10 +261,13 @@ class GruServer:
             raise OSError(f"cannot bind {address}: {exc}") from None
         if not self.port:
             raise OSError(f"cannot bind {address}")
+        barrier_address = self._add_barrier_port(server)
         self.engine.start()
         try:
             await server.start()
             self._server = server
+            if barrier_address is not None:
+                await self._gate.connect_barrier(barrier_address)
             if transport.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(
                     transport.metrics_port, transport.metrics_host
@@ -235,6 +278,7 @@ class GruServer:
             await server.stop(None)
             await asyncio.to_thread(self.engine.stop)
             self.metrics.close()
+            self._remove_barrier_dir()
             raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.metrics.set_model(self.bundle.name, self.bundle.version)
@@ -318,27 +362,128 @@ class GruServer:
         """A servicer found the engine dead: NOT_SERVING until a reload replaces it."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new RPCs, finish in-flight ones within the grace period."""
-        grace = self.config.lifecycle.grace_s if grace is None else grace
+    def _add_barrier_port(self, server: grpc.aio.Server) -> str | None:
+        """A private Unix socket for the drain barrier (see drain.py); returns its target.
+        Plaintext and without client certificates, but in a directory (0700) that only the
+        server's own user can enter, who can read its keys anyway; the token still holds."""
+        self._barrier_dir = tempfile.mkdtemp(prefix="gruserve-")
+        address = f"unix:{self._barrier_dir}/drain.sock"
+        try:
+            if server.add_insecure_port(address):
+                return address
+        except RuntimeError:
+            pass
+        # the drain still works, only without serving the calls the core held back
+        log.warning("cannot bind %s: the drain will have no barrier", address)
+        self._remove_barrier_dir()
+        return None
+
+    def _remove_barrier_dir(self) -> None:
+        if self._barrier_dir is not None:
+            shutil.rmtree(self._barrier_dir, ignore_errors=True)
+            self._barrier_dir = None
+
+    async def stop(
+        self,
+        grace: float | None = None,
+        *,
+        shutdown_delay: float | None = None,
+        interrupted: asyncio.Event | None = None,
+    ) -> bool:
+        """The drain: health NOT_SERVING and serve as usual for `shutdown_delay` seconds;
+        stop accepting (later calls: UNAVAILABLE; without a delay, health turns NOT_SERVING
+        then, so that whoever reacts to it is refused); give the accepted RPCs until `grace`
+        seconds later, less the end kept for closing down; end what is left with
+        UNAVAILABLE; close. Done within delay + grace (grace >= 2 * TEARDOWN_RESERVE_S
+        leaves room for all of it). Once `interrupted` is set, what is left of it happens
+        at once. True if no RPC was cut short."""
+        lifecycle = self.config.lifecycle
+        grace = max(lifecycle.grace_s if grace is None else grace, 0.0)
+        delay = lifecycle.shutdown_delay_s if shutdown_delay is None else shutdown_delay
+        delay = max(delay, 0.0)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + delay + grace
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if delay or self._server is None:
+            await self._not_serving()
+        drained = True
+        server, self._server = self._server, None
+        if server is not None:
+            deadline = end - min(TEARDOWN_RESERVE_S, grace / 2)
+            drained = await self._drain(server, delay, deadline, interrupted)
+        # the decode threads are idle by now, or end after their step (daemon threads: the
+        # wait is bounded); the metrics endpoint stops polling in the meantime
+        engines, self._retiring = [self.engine, *self._retiring], set()
+        await asyncio.gather(
+            *(asyncio.to_thread(e.stop, max(end - loop.time(), 0.0)) for e in engines),
+            asyncio.to_thread(self.metrics.close),
+        )
+        self._remove_barrier_dir()
+        if self._own_provider is not None:
+            # flushes the spans still queued for export, in what is left of the time
+            await _within(
+                asyncio.to_thread(self._own_provider.shutdown),
+                max(end - loop.time(), CORE_STOP_GRACE_S),
+            )
+        log.info("stopped")
+        return drained
+
+    async def _drain(
+        self,
+        server: grpc.aio.Server,
+        delay: float,
+        deadline: float,
+        interrupted: asyncio.Event | None,
+    ) -> bool:
+        gate, loop = self._gate, asyncio.get_running_loop()
+        # serving as usual while load balancers take the endpoint out
+        await _within(asyncio.sleep(delay), delay, interrupted)
+        # the stop of accepting (drain.py)
+        closing = asyncio.ensure_future(self._stop_accepting())
+        if not await _within(asyncio.shield(closing), deadline - loop.time(), interrupted):
+            # out of time: the calls still ahead of the barrier are refused as they come
+            # (UNAVAILABLE), where the core's stop would end them CANCELLED
+            gate.refuse_all()
+            await _within(closing, TEARDOWN_RESERVE_S / 4)
+        await self._not_serving()
+        # every call the transport had accepted is admitted now: the core may stop taking
+        # calls (GOAWAY) without losing one; the RPCs under way go on
+        core_stop = asyncio.ensure_future(
+            server.stop(max(deadline - loop.time(), 0.0) + TEARDOWN_RESERVE_S / 2)
+        )
+        drained = await _within(gate.wait_idle(), deadline - loop.time(), interrupted)
+        if not drained:
+            self._cut_short(gate.num_active, interrupted is not None and interrupted.is_set())
+            # each RPC still running answers UNAVAILABLE now, in a few loop turns
+            await _within(gate.wait_idle(), TEARDOWN_RESERVE_S / 4)
+        # nothing of ours runs any more: a shorter grace ends the core's stop sooner
+        # (health and reflection streams), leaving a moment for the refusals under way
+        await server.stop(CORE_STOP_GRACE_S)
+        await core_stop
+        return drained
+
+    async def _stop_accepting(self) -> None:
+        await self._gate.close()
+        await self._not_serving()
+        await self._gate.flush()
+
+    async def _not_serving(self) -> None:
         # NOT_SERVING for good: a late watchdog or servicer cannot turn it back
         self._serving = False
         await self.health.enter_graceful_shutdown()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self._server is not None:
-            # new RPCs are refused at once; in-flight ones get `grace` seconds, then are
-            # cancelled (which aborts their engine requests)
-            await self._server.stop(grace)
-        # joining the decode thread may wait for a running step: off the event loop
-        engines, self._retiring = [self.engine, *self._retiring], set()
-        for engine in engines:
-            await asyncio.to_thread(engine.stop)
-        self.metrics.close()
-        if self._own_provider is not None:
-            # flushes the spans still queued for export
-            await asyncio.to_thread(self._own_provider.shutdown)
-        log.info("stopped")
+
+    def _cut_short(self, num_running: int, interrupted: bool) -> None:
+        if num_running:
+            log.warning(
+                "%s: %d RPCs still running end with UNAVAILABLE",
+                "drain interrupted" if interrupted else "grace period over", num_running,
+            )
+        error = EngineDeadError("the server shut down before this request finished; retry it")
+        # the engine a reload replaced may still be finishing requests too
+        for engine in (self.engine, *self._retiring):
+            engine.stop(timeout=0)  # no more steps, and no new requests
+            engine.fail_unfinished(error)
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -372,7 +517,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 async def serve_forever(bundle_path: str | Path, config: ServerConfig) -> int:
-    """Runs until SIGTERM/SIGINT; returns the process exit code (0 after a clean drain).
+    """Runs until SIGTERM/SIGINT, then drains (GruServer.stop); returns the process exit
+    code: 0 after the drain, or 128 + the signal's number when a second signal ended the
+    drain at once (130 for SIGINT, 143 for SIGTERM, as a shell reports a process killed by it).
     SIGHUP reloads the bundle directory (GruServer.reload).
 
     Prints one line, `gruserve: serving BUNDLE on HOST:PORT`, once health is SERVING: with
@@ -380,15 +527,19 @@ async def serve_forever(bundle_path: str | Path, config: ServerConfig) -> int:
     """
     bundle = load_bundle(bundle_path)
     server = GruServer(bundle, config)
-    stop = asyncio.Event()
+    stop, interrupted = asyncio.Event(), asyncio.Event()
     started = asyncio.Event()
     loop = asyncio.get_running_loop()
-    received: list[str] = []
+    received: list[signal.Signals] = []
     reloads: set[asyncio.Task] = set()
 
     def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
+        received.append(sig)
+        if len(received) == 1:
+            stop.set()
+        elif not interrupted.is_set():
+            log.warning("%s received during the drain: stopping at once", sig.name)
+            interrupted.set()
 
     def on_hangup() -> None:
         if not started.is_set() or stop.is_set():
@@ -414,11 +565,13 @@ async def serve_forever(bundle_path: str | Path, config: ServerConfig) -> int:
         )
         started.set()
         await stop.wait()
+        lifecycle = config.lifecycle
         log.info(
-            "%s received: draining (grace %.1fs)", received[0], config.lifecycle.grace_s
+            "%s received: draining (health NOT_SERVING, shutdown delay %.1fs, grace %.1fs)",
+            received[0].name, lifecycle.shutdown_delay_s, lifecycle.grace_s,
         )
-        await server.stop()
+        await server.stop(interrupted=interrupted)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-    return 0
+    return 128 + received[1] if interrupted.is_set() else 0

@@ -100,3 +100,7 @@ class RpcTelemetry:
     def denied(self, method: str, metadata) -> None:
         """An RPC refused before any servicer saw it (token auth)."""
         self.end(self.begin(method, metadata), grpc.StatusCode.UNAUTHENTICATED)
+
+    def refused(self, method: str, metadata) -> None:
+        """An RPC refused before any servicer saw it (the server stopped accepting)."""
+        self.end(self.begin(method, metadata), grpc.StatusCode.UNAVAILABLE)

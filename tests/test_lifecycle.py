@@ -10,14 +10,15 @@ import signal
 import grpc
 import pytest
 
-from gruserve.runtime.client import GruserveClient, build_request
+from gruserve.runtime.client import Connection, GruserveClient, build_request
 from gruserve.v1 import gruserve_pb2 as pb
+from gruserve.v1 import gruserve_pb2_grpc as pb_grpc
 
 from .serving import WAIT_S, ServeProcess, ServerThread, StepGate, running_server, wait_for
 
 LONG = 40  # tokens of a request that cannot end early (min_tokens = max_tokens)
 # a call that reaches a stopping server is refused: UNAVAILABLE, or CANCELLED when it races
-# the server's GOAWAY on an open connection (grpc core decides, never our handler)
+# the core's stop and its GOAWAY on an open connection (grpc/grpc#41785, see drain.py)
 REFUSED_WHILE_STOPPING = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 
@@ -197,17 +198,23 @@ def test_stop_drains_in_flight_requests_then_refuses(synthetic_bundle_dir, pair)
         thread.stop()
 
 
-def test_stop_cancels_what_outlives_the_grace_period(synthetic_bundle_dir, pair):
+def test_what_outlives_the_grace_period_ends_unavailable(synthetic_bundle_dir, pair):
     thread = ServerThread(synthetic_bundle_dir).start()
     try:
-        with GruserveClient(thread.target) as client, StepGate(thread.engine) as gate:
-            call = client.stub.Generate.future(build_request(**pair), timeout=30)
-            gate.wait_blocked()
+        # a channel that does not retry: the status is the server's own, not a retry's
+        channel = Connection(thread.target).channel(retry=False)
+        with channel, StepGate(thread.engine) as gate:
+            stub = pb_grpc.GeneratorStub(channel)
+            call = stub.Generate.future(build_request(**pair), timeout=30)
+            gate.wait_blocked()  # the decode thread is held inside a step
             stopping = asyncio.run_coroutine_threadsafe(thread.server.stop(0.2), thread.loop)
-            with pytest.raises(grpc.RpcError):  # cancelled when the grace period ran out
+            with pytest.raises(grpc.RpcError) as info:
                 call.result()
+            # retryable, and not waiting for the step: the grace period is a promise
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shut down before this request finished" in info.value.details()
+            assert stopping.result(WAIT_S) is False  # an RPC was cut short
             gate.open()
-            stopping.result(WAIT_S)
             assert not thread.engine.healthy
     finally:
         thread.stop()
