@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+from machine import machine_line  # bench/machine.py (scripts run from bench/)
 from reference_model import build_reference_model
 
 BATCHES = (1, 64, 256)
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Engine throughput (bench/engine.py)",
         "",
         f"- command: `{command.strip()}`",
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs; ORT and torch threads: "
+        f"- machine: {machine_line()}; ORT and torch threads: "
         f"{threads}",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- python {platform.python_version()}, onnxruntime "

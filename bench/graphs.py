@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+from machine import machine_line  # bench/machine.py (scripts run from bench/)
 from onnx import TensorProto, helper, numpy_helper
 
 from gruserve.export import onnx_graphs as og
@@ -265,7 +265,7 @@ def render(args, argv, step_rows, head_rows, pool_rows, load_before, load_after)
         "# Decoder-step graph variants (ms per step, median: wall / CPU)",
         "",
         f"- command: `{command.strip()}`",
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs; onnxruntime "
+        f"- machine: {machine_line()}; onnxruntime "
         f"{ort.__version__} (CPU provider, intra-op threads {args.threads or 'ORT default'}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python "
         f"{platform.python_version()}",
