@@ -6,9 +6,9 @@ not only by per-step differences, every number comes from the bundle's own graph
 - the rating from its encoder (the served StepRunner);
 - the greedy decodes from its greedy step graph, through the StepRunner, as the engine runs
   them (a batch of rows, each reading and writing its own slot, stopped at <eos>);
-- the perplexity from its greedy step graph with one output added: LogSoftmax of the logits
-  its ArgMax reads, i.e. the very distribution the served graph picks its token from,
-  teacher forced over the reference tips.
+- the perplexity from its greedy step graph with one output added: LogSoftmax of its
+  vocabulary logits (what the float graph's ArgMax reads; in an int8 graph the int8 logits
+  its head shortlists from), teacher forced over the reference tips.
 """
 
 from __future__ import annotations
@@ -24,22 +24,24 @@ from gruserve.runtime.providers import SessionConfig, session_options, wanted_pr
 from gruserve.runtime.runner import StepRunner
 
 from .evaluate import BatchScores
+from .quantize import vocab_logits
 
 LOG_PROBS = "log_probs"
 
 
 def with_log_probs(step: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of a served greedy step graph that also outputs log_softmax(logits) [B, V],
-    where the logits are what its ArgMax (the next_token output) reads."""
+    """A copy of a served greedy step graph that also outputs log_softmax(logits) [B, V]
+    of its vocabulary logits (see the module docstring)."""
     out = onnx.ModelProto()
     out.CopyFrom(step)
     graph = out.graph
-    argmax = [n for n in graph.node if n.op_type == "ArgMax"]
-    if len(argmax) != 1:
-        raise ValueError(f"expected one ArgMax in the greedy step graph, found {len(argmax)}")
-    graph.node.append(
-        helper.make_node("LogSoftmax", [argmax[0].input[0]], [LOG_PROBS], axis=1, name=LOG_PROBS)
-    )
+    logits = vocab_logits(graph)
+    if logits is None:
+        argmax = [n for n in graph.node if n.op_type == "ArgMax"]
+        if len(argmax) != 1:
+            raise ValueError(f"expected one ArgMax in the greedy step graph, found {len(argmax)}")
+        logits = argmax[0].input[0]
+    graph.node.append(helper.make_node("LogSoftmax", [logits], [LOG_PROBS], axis=1, name=LOG_PROBS))
     graph.output.append(
         helper.make_tensor_value_info(LOG_PROBS, TensorProto.FLOAT, ["batch", None])
     )

@@ -102,7 +102,7 @@ PRECISIONS: dict[str, PrecisionSpec] = {
     "fp32": PrecisionSpec("fp32", np.float32, TensorProto.FLOAT, 1e-4, 1e-4),
     "fp16": PrecisionSpec("fp16", np.float16, TensorProto.FLOAT16, 5e-2, 1e-2),
     "int8": PrecisionSpec(
-        "int8", np.float32, TensorProto.FLOAT, 0.25, 1e-4,
+        "int8", np.float32, TensorProto.FLOAT, 0.5, 1e-4,
         quantized=True, min_agreement=0.99, max_metric_change=0.01,
     ),
 }

@@ -29,6 +29,14 @@ The scheme (`METHOD`), and why it beats the library's quantizers here
 - op: com.microsoft MatMulIntegerToFloat (QuantizeLinear in front), which applies both
   scales and the bias in the GEMM's output pass. The standard-op spelling (MatMulInteger +
   Cast + Mul + Add) is not fused by ORT and makes three more passes over [B, V].
+- the head decides on exact logits (`rescore`): the int8 logits only shortlist. Greedy
+  takes the int8 top RESCORE_CANDIDATES (4) and the ArgMax of their float32 logits (their
+  weight rows gathered from a float32 copy, one dot product each); the sampling graph keeps
+  its int8 top-K candidates but reports and orders them by float32 log-probs. A greedy token
+  then differs from fp32's only if fp32's best word is not among int8's best four, which
+  needs an error several times the int8 logit error. Cost: TopK(4) instead of ArgMax and
+  B x (4 or K) dot products of length H, against B x V for the projection; the price is the
+  float32 copy of the weights in the file (V x H x 4 bytes: 32 MB at the reference sizes).
 
 MatMulNBits (8- or 4-bit, accuracy_level 4) quantizes activations per row too, but on AVX2 it
 is slower than the fp32 step at batch >= 16; see the benchmark.
@@ -51,6 +59,8 @@ ACTIVATION_RANGE = (-1.0, 1.0)
 ACTIVATION_SCALE = np.float32(1.0 / 64.0)  # codes 0..128: no int16 saturation on AVX2
 ACTIVATION_ZERO_POINT = np.uint8(64)
 WEIGHT_QMAX = 127
+# the greedy head re-ranks this many int8 candidates on float32 logits (see the docstring)
+RESCORE_CANDIDATES = 4
 MS_DOMAIN = "com.microsoft"
 
 
@@ -64,11 +74,13 @@ def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_step_graph(
-    model: onnx.ModelProto, weights: Sequence[str] = DEFAULT_WEIGHTS
+    model: onnx.ModelProto, weights: Sequence[str] = DEFAULT_WEIGHTS,
+    rescore: int = RESCORE_CANDIDATES,
 ) -> onnx.ModelProto:
     """A copy of `model` where each MatMul(x, W) (+ Add(bias)) with W named in `weights`
-    runs as QuantizeLinear(x) -> MatMulIntegerToFloat. Raises ValueError when a named weight
-    is not the constant right operand of exactly one MatMul."""
+    runs as QuantizeLinear(x) -> MatMulIntegerToFloat, and (rescore > 0, the vocabulary
+    projection quantized) the head decides on float32 logits of its int8 shortlist. Raises
+    ValueError when a named weight is not the constant right operand of exactly one MatMul."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -99,6 +111,9 @@ def quantize_step_graph(
         replaced[matmul.name] = _int8_matmul(graph, matmul, inits[name], bias, output)
         if bias_add is not None:
             dropped.add(bias_add.name)
+        if name == VOCAB_PROJECTION and rescore > 0:
+            head = _Rescorer(graph, inits[name], bias, hidden=matmul.input[0], logits=output)
+            replaced.update(head.rewrite(consumers.get(output, []), consumers, rescore))
     nodes = []
     for node in graph.node:
         if node.name in replaced:
@@ -143,6 +158,104 @@ def _int8_matmul(graph, matmul, weight_init, bias: str | None, output: str) -> l
         "MatMulIntegerToFloat", inputs, [output], name=f"{base}.int8", domain=MS_DOMAIN
     )
     return [clipped, quantize, gemm]
+
+
+class _Rescorer:
+    """Rewrites the head that reads the int8 logits so that it decides on exact ones: the
+    greedy ArgMax becomes TopK(rescore) of the int8 logits, then the ArgMax of those
+    candidates' float32 logits; the sampling TopK(K) keeps its K candidates but reports, and
+    orders them by, their log-probs from float32 logits (the normaliser is the int8 one with
+    the candidates' terms replaced by their exact ones)."""
+
+    def __init__(self, graph, weight_init, bias: str | None, hidden: str, logits: str) -> None:
+        self.graph, self.hidden, self.logits, self.bias = graph, hidden, logits, bias
+        self.nodes: list[onnx.NodeProto] = []
+        # (V, H): a candidate's weights are one row to gather
+        weight = numpy_helper.to_array(weight_init).astype(np.float32)
+        self.weight_rows = f"{weight_init.name}.rows"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T),
+                                                         self.weight_rows))
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([1], np.int64), "rescore.axis_1"),
+            numpy_helper.from_array(np.array([2], np.int64), "rescore.axis_2"),
+        ])
+
+    def _op(self, op: str, inputs: list[str], name: str, num_outputs: int = 1, **attrs):
+        outputs = [name] if num_outputs == 1 else [f"{name}.{i}" for i in range(num_outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
+        return outputs[0] if num_outputs == 1 else outputs
+
+    def _exact(self, ids: str, tag: str) -> str:
+        """float32 logits (B, R) of candidate ids (B, R): weight rows . hidden + bias."""
+        rows = self._op("Gather", [self.weight_rows, ids], f"{tag}.weights", axis=0)  # (B,R,H)
+        column = self._op("Unsqueeze", [self.hidden, "rescore.axis_2"], f"{tag}.hidden")
+        dots = self._op("MatMul", [rows, column], f"{tag}.dots")  # (B, R, 1)
+        exact = self._op("Squeeze", [dots, "rescore.axis_2"], f"{tag}.logits_no_bias")
+        if self.bias is None:
+            return exact
+        bias = self._op("Gather", [self.bias, ids], f"{tag}.bias", axis=0)
+        return self._op("Add", [exact, bias], f"{tag}.logits")
+
+    def rewrite(self, readers, consumers, rescore: int) -> dict[str, list]:
+        """{name of a head node: the nodes that replace it}."""
+        out = {}
+        for node in readers:
+            self.nodes = []
+            if node.op_type == "ArgMax":
+                self._greedy(node, rescore)
+            elif node.op_type == "LogSoftmax":
+                topk = [n for n in consumers.get(node.output[0], []) if n.op_type == "TopK"]
+                if not topk:
+                    continue
+                node = topk[0]
+                self._sampling(node)
+            else:
+                continue
+            out[node.name] = self.nodes
+        return out
+
+    def _greedy(self, argmax, rescore: int) -> None:
+        k = f"{argmax.name}.rescore_k"
+        self.graph.initializer.append(numpy_helper.from_array(np.array([rescore], np.int64), k))
+        _, ids = self._op("TopK", [self.logits, k], "greedy.shortlist", num_outputs=2, axis=1)
+        exact = self._exact(ids, "greedy")
+        best = self._op("ArgMax", [exact], "greedy.best", axis=1, keepdims=1)  # (B, 1)
+        picked = self._op("GatherElements", [ids, best], "greedy.picked", axis=1)
+        self.nodes.append(helper.make_node(
+            "Squeeze", [picked, "rescore.axis_1"], [argmax.output[0]], name=argmax.name))
+
+    def _sampling(self, topk) -> None:
+        values, ids = self._op("TopK", [*topk.input], "sampling.shortlist", num_outputs=2,
+                               axis=1)
+        int8_logits = self._op("GatherElements", [self.logits, ids], "sampling.int8_logits",
+                               axis=1)
+        correction = self._op("Sub", [self._exact(ids, "sampling"), int8_logits],
+                              "sampling.correction")
+        patched = self._op("Add", [values, correction], "sampling.patched")  # (B, K)
+        # the normaliser with the candidates' exact logits in place of their int8 ones:
+        # log(1 + sum_k (p_k exact - p_k int8)), both under the int8 normaliser
+        moved = self._op("Sub", [self._op("Exp", [patched], "sampling.p_exact"),
+                                 self._op("Exp", [values], "sampling.p_int8")], "sampling.moved")
+        total = self._op("ReduceSum", [moved, "rescore.axis_1"], "sampling.moved_sum",
+                         keepdims=1)
+        one = "rescore.one"
+        self.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+        shift = self._op("Log", [self._op("Add", [total, one], "sampling.mass")],
+                         "sampling.shift")
+        log_probs = self._op("Sub", [patched, shift], "sampling.log_probs")
+        order = f"{topk.name}.order"
+        self.nodes.append(helper.make_node(
+            "TopK", [log_probs, topk.input[1]], [topk.output[0], order], name=topk.name, axis=1))
+        self._op("GatherElements", [ids, order], "sampling.ids", axis=1)
+        self.nodes[-1].output[:] = [topk.output[1]]
+
+
+def vocab_logits(graph: onnx.GraphProto) -> str | None:
+    """The [B, V] logits of an int8 step graph (None in a float graph)."""
+    for node in graph.node:
+        if node.op_type == "MatMulIntegerToFloat" and node.input[1] == f"{VOCAB_PROJECTION}.int8":
+            return node.output[0]
+    return None
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:

@@ -134,9 +134,18 @@ class VerifyReport:
 
     @property
     def max_log_prob_error(self) -> float | None:
-        """The largest log-prob difference from PyTorch over every step compared."""
-        values = [c.value for c in self.checks if c.value is not None
-                  and c.name.endswith((".log_probs", ".logprobs"))]
+        """The largest log-prob difference from PyTorch over every step compared: the whole
+        vocabulary's (the verification graph) and the served top-K's."""
+        return self._max_value((".log_probs", ".logprobs"))
+
+    @property
+    def max_served_log_prob_error(self) -> float | None:
+        """The same for the served sampling graph's top-K log-probs alone."""
+        return self._max_value((".logprobs",))
+
+    def _max_value(self, suffixes: tuple[str, ...]) -> float | None:
+        values = [c.value for c in self.checks
+                  if c.value is not None and c.name.endswith(suffixes)]
         return max(values) if values else None
 
     @property
@@ -171,6 +180,7 @@ class VerifyReport:
         data["ok"] = self.ok
         data["first_failure"] = self.first_failure
         data["max_log_prob_error"] = self.max_log_prob_error
+        data["max_served_log_prob_error"] = self.max_served_log_prob_error
         if self.greedy is not None:
             data["greedy"].update(ok=self.greedy.ok, agreement=self.greedy.agreement)
         if self.quality is not None:
@@ -184,8 +194,12 @@ class VerifyReport:
             figure = "" if c.value is None else f"{c.value:.3g} (tol {c.tolerance:.3g})"
             lines.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.name:<34} {figure:<24} {c.detail}")
         if self.max_log_prob_error is not None:
-            lines.append(f"  max |log-prob error| vs PyTorch: {self.max_log_prob_error:.3g} "
-                         f"(tol {self.tolerance.get('log_probs', float('nan')):.3g})")
+            served = self.max_served_log_prob_error
+            lines.append(
+                f"  max |log-prob error| vs PyTorch: {self.max_log_prob_error:.3g} "
+                f"(tol {self.tolerance.get('log_probs', float('nan')):.3g})"
+                + ("" if served is None else f"; served top-K log-probs {served:.3g}")
+            )
         if self.greedy is not None:
             g = self.greedy
             gate = f" (min {100 * g.min_agreement:.2f}%)" if g.min_agreement else ""
