@@ -45,14 +45,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from engine import NUM_WORDS, bench_engine, bench_raw, build_bundle  # bench/engine.py
+from engine import NUM_ITEMS, NUM_USERS, NUM_WORDS, bench_engine, bench_raw  # bench/engine.py
 from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+from reference_model import build_reference_model
 
 from gruserve.export import onnx_graphs as og
 from gruserve.export import quantize
 from gruserve.export.bundle_eval import with_log_probs
-from gruserve.export.checkpoint import Checkpoint, load_checkpoint
-from gruserve.export.model import NRT, greedy_decode
+from gruserve.export.checkpoint import load_checkpoint
+from gruserve.export.model import NRT, greedy_decode, nrt_weights
 from gruserve.export.parity import verify_pairs
 from gruserve.runtime.providers import SessionConfig, session_options
 
@@ -103,7 +104,7 @@ VARIANTS = {
 
 def build_variants(model: NRT, config: SessionConfig) -> tuple[dict, list[str]]:
     """name -> session of the greedy step graph with a log-prob output; and what was skipped."""
-    base = og.build_step_graph(model, og.StepGraphOptions())
+    base = og.build_step_graph(nrt_weights(model), og.StepGraphOptions())
     sessions, skipped = {}, []
     for name, make in VARIANTS.items():
         try:
@@ -212,12 +213,10 @@ def engine_section(tmp: Path, config: SessionConfig, rounds: int, seconds: float
     from gruserve.runtime.bundle import ModelInfo, load_bundle
     from gruserve.runtime.runner import StepRunner
 
-    model, fp32_dir = build_bundle(tmp)
-    cfg = model.config
-    checkpoint = Checkpoint(model_config=cfg, state_dict=model.state_dict(),
-                            vocab=_words(cfg.ntoken), users=_ids("u", cfg.num_users),
-                            items=_ids("i", cfg.num_items))
-    int8_dir = write_bundle(checkpoint, tmp / "nrt-ref-int8", top_k=64, precision="int8")
+    ref = build_reference_model(tmp / "nrt-ref", NUM_USERS, NUM_ITEMS)
+    fp32_dir = ref.bundle
+    int8_dir = write_bundle(load_checkpoint(ref.checkpoint), tmp / "nrt-ref-int8", top_k=64,
+                            precision="int8")
     runners, infos = {}, {}
     for name, path in (("fp32", fp32_dir), ("int8", int8_dir)):
         bundle = load_bundle(path)
@@ -256,23 +255,11 @@ def engine_section(tmp: Path, config: SessionConfig, rounds: int, seconds: float
     return "\n".join(lines), goals
 
 
-def _words(n: int):
-    from gruserve.export.vocab import SPECIAL_TOKENS, Vocabulary
-
-    return Vocabulary(SPECIAL_TOKENS + tuple(f"w{i}" for i in range(n - len(SPECIAL_TOKENS))))
-
-
-def _ids(prefix: str, n: int):
-    from gruserve.export.vocab import EntityIndex
-
-    return EntityIndex(tuple(f"{prefix}{i}" for i in range(n)))
-
-
 # --- part 3: the reference model's export ----------------------------------------------------
 
 
 def reference_section(checkpoint_path: Path, data: Path, tmp: Path, samples: int) -> str:
-    from gruserve.export.train import load_training_corpus
+    from gruserve.export.corpus import load_training_corpus
     from gruserve.export.verify import VerificationError, export_bundle
 
     corpus = load_training_corpus(data)

@@ -35,9 +35,10 @@ import torch
 from machine import cpu_model  # bench/machine.py (scripts run from bench/)
 
 from gruserve.export.checkpoint import load_checkpoint
+from gruserve.export.corpus import load_training_corpus
 from gruserve.export.evaluate import evaluate, format_metrics, write_eval_outputs
 from gruserve.export.synthetic import REFERENCE_SPEC, write_synthetic_corpus
-from gruserve.export.train import BEST_FILE, LAST_FILE, TrainConfig, load_training_corpus, train
+from gruserve.export.train import BEST_FILE, LAST_FILE, TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_reference.md"
 WORK_DIR = Path.home() / ".cache" / "gruserve" / "reference"

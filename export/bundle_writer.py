@@ -182,8 +182,8 @@ def write_bundle_from_weights(
             "pool_dtype": spec.dtype_name,
             # what `verify` must reach for this precision; its report lands in "verify"
             "tolerance": spec.tolerance_dict(),
-            # int8: what was quantized and how (None: nothing is)
-            "quantization": quantize.describe() if spec.quantized else None,
+            # int8: what was quantized and how (float precisions have no entry)
+            **({"quantization": quantize.describe()} if spec.quantized else {}),
             "opset": og.OPSET,
             "ir_version": og.IR_VERSION,
             "onnx_version": onnx.__version__,

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
+
+pytest.importorskip("torch", reason="needs the export extra; the torch-free lane skips it")
+pytest.importorskip("onnx", reason="needs the export extra; the torch-free lane skips it")
+import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -29,7 +32,7 @@ from gruserve.export.verify_report import GreedyParity, QualityReport
 from gruserve.runtime import cli
 from gruserve.runtime.bundle import MANIFEST, STEP_GREEDY, STEP_TOPK, load_bundle, sha256_file
 from gruserve.runtime.client import GruserveClient
-from gruserve.runtime.providers import CPU, DeviceError, SessionConfig
+from gruserve.runtime.providers import CPU, SessionConfig
 from gruserve.runtime.runner import StepRunner
 
 from .serving import running_server
@@ -85,7 +88,6 @@ def test_int8_manifest_records_precision_method_tolerances_and_figures(int8_bund
     assert manifest["tolerance"] == {
         "log_probs": 0.5, "hidden": 1e-4, "greedy_agreement": 0.99, "metrics_relative": 0.01,
     }
-    assert manifest["state_range"] == [-1.0, 1.0]
     recorded = manifest["verify"]
     report = int8_export[1]
     assert recorded["ok"] and recorded["greedy"]["agreement"] == report.greedy.agreement
@@ -333,13 +335,3 @@ def test_an_int8_bundle_refuses_raw_states_outside_its_range(int8_bundle):
             client.generate(hidden_state=outside, max_tokens=4)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "hidden_state" in info.value.details() and "[-1, 1]" in info.value.details()
-
-
-def test_int8_runs_on_the_cpu_provider_and_refuses_cuda(int8_bundle, capsys):
-    runner = StepRunner(int8_bundle, num_slots=4, config=SessionConfig(device="auto"))
-    assert runner.provider == CPU
-    with pytest.raises(DeviceError, match="int8, a CPU-only format"):
-        StepRunner(int8_bundle, num_slots=4, config=SessionConfig(device="cuda"))
-    assert cli.main(["serve", str(int8_bundle.path), "--device", "cuda", "--port", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--device cuda" in err[0] and "int8" in err[0]
