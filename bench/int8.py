@@ -24,7 +24,8 @@ Three parts, one machine, one thread count:
 
 Without a trained checkpoint, parts 1 and 2 run on a random model (the agreement of an
 untrained model is no quality figure: its top two logits are near-ties) and part 3 is left
-out. The MatMulNBits rows need onnx-ir (the dev extra).
+out. The MatMulNBits rows need onnx-ir, which ORT's quantizer imports and nothing else in
+gruserve does (`.venv/bin/pip install onnx-ir`); without it they are listed as skipped.
 """
 
 from __future__ import annotations
