@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+from training_report import pairs_table, write_results
 
 from gruserve.export.checkpoint import load_checkpoint
 from gruserve.export.corpus import load_training_corpus
@@ -142,11 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     spec_text = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(spec).items())
     train_text = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
-    samples = "\n".join(
-        f"| {p.user} | {p.item} | {p.rating:g} | {p.predicted_rating:.2f} | {p.reference} | "
-        f"{p.generated} |"
-        for p in report.pairs[:8]
-    )
     text = f"""# Reference-size model: training and test figures
 
 Command: `{command}`
@@ -160,16 +156,9 @@ Evaluation: greedy decodes of at most {report.max_tokens} words on the test spli
 
 {table}
 
-A few test pairs (user, item, rating, predicted, reference, generated):
-
-| user | item | rating | predicted | reference | generated |
-|---|---|---|---|---|---|
-{samples}
+{pairs_table(report)}
 """
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = args.results.with_suffix(args.results.suffix + ".tmp")
-    tmp_path.write_text(text, encoding="utf-8")
-    tmp_path.replace(args.results)
+    write_results(args.results, text)
     print(f"written to {args.results}", file=sys.stderr)
     return 0
 
