@@ -223,7 +223,7 @@ class VerifyReport:
             for m in q.metrics:
                 change = "n/a" if m.change is None else f"{100 * m.change:+.2f}%"
                 lines.append(f"       {'ok  ' if m.ok else 'FAIL'} {m.name:<11} "
-                             f"{m.reference:>10.4f} -> {m.bundle:<10.4f} ({change} worse)")
+                             f"{m.reference:>10.4f} -> {m.bundle:<10.4f} ({change}, + = worse)")
         lines += [f"  note: {n}" for n in self.notes]
         verdict = "PASS" if self.ok else f"FAIL: {self.first_failure}"
         lines.append(f"{verdict} ({self.seconds:.1f} s)")
