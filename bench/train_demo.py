@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+from training_report import pairs_table, write_results
 
 from gruserve.export.checkpoint import load_checkpoint
 from gruserve.export.demo import DEMO_SPEC, DEMO_TRAIN, build_demo_checkpoint
@@ -137,11 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     spec = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(DEMO_SPEC).items())
     train_cfg = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
-    samples = "\n".join(
-        f"| {p.user} | {p.item} | {p.rating:g} | {p.predicted_rating:.2f} | {p.reference} | "
-        f"{p.generated} |"
-        for p in report.pairs[:8]
-    )
     text = f"""# Demo model: training and test figures
 
 Command: `{command}`
@@ -161,16 +157,9 @@ The training time is wall clock (corpus generation, {epochs_run} epochs with val
 checkpoint writes) and varies with the machine's load; the quality figures are
 deterministic for one torch build and CPU kind.
 
-A few test pairs (user, item, rating, predicted, reference, generated):
-
-| user | item | rating | predicted | reference | generated |
-|---|---|---|---|---|---|
-{samples}
+{pairs_table(report)}
 """
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = args.results.with_suffix(args.results.suffix + ".tmp")
-    tmp_path.write_text(text, encoding="utf-8")
-    tmp_path.replace(args.results)
+    write_results(args.results, text)
     print(f"\nwritten to {args.results}", file=sys.stderr)
     return 0
 

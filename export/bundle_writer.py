@@ -30,6 +30,7 @@ from gruserve.runtime.bundle import (
 )
 
 from . import onnx_graphs as og
+from . import quantize
 from .precision import precision_spec
 from .vocab import EntityIndex, Vocabulary
 from .weights import NRTWeights
@@ -103,7 +104,8 @@ def write_bundle(
     is separate (`gruserve.export.verify`) and its report is added to the manifest by
     `export_bundle`.
 
-    precision "fp16" halves the step graph's weights and the state pool (see precision.py)."""
+    precision "fp16" halves the step graph's weights and the state pool, "int8" quantizes the
+    step graphs' vocabulary projection for the CPU provider (see precision.py)."""
     return write_bundle_from_weights(
         checkpoint.weights(), checkpoint.vocab, checkpoint.users, checkpoint.items, out_dir,
         top_k=top_k, model_name=model_name, precision=precision,
@@ -180,6 +182,8 @@ def write_bundle_from_weights(
             "pool_dtype": spec.dtype_name,
             # what `verify` must reach for this precision; its report lands in "verify"
             "tolerance": spec.tolerance_dict(),
+            # int8: what was quantized and how (float precisions have no entry)
+            **({"quantization": quantize.describe()} if spec.quantized else {}),
             "opset": og.OPSET,
             "ir_version": og.IR_VERSION,
             "onnx_version": onnx.__version__,

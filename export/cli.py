@@ -56,14 +56,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quality_corpus(args: argparse.Namespace):
+    """The corpus whose test split measures the task metrics, if --data was given."""
+    if not args.data:
+        return None
+    from .corpus import load_training_corpus
+
+    return load_training_corpus(args.data, index_dir=args.index_dir, seed=args.corpus_seed)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     _need_export_extra()
     from .verify import VerificationError, export_bundle
 
+    tolerance = {
+        "log_probs": args.max_log_prob_error,
+        "greedy_agreement": args.min_agreement,
+        "metrics_relative": args.max_metric_change,
+    }
     try:
         path, report = export_bundle(
             Path(args.checkpoint), Path(args.out), top_k=args.top_k, precision=args.precision,
             samples=args.samples, device=args.device, keep_failed=args.keep_failed,
+            corpus=_quality_corpus(args), tolerance=tolerance,
         )
     except VerificationError as exc:
         print(exc.report.summary())
@@ -78,9 +93,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     _need_export_extra()
     from .verify import record_verify_report, verify_bundle
 
+    if args.data and not args.checkpoint:
+        print("gruserve verify: --data needs --checkpoint (the fp32 reference)", file=sys.stderr)
+        return 2
     report = verify_bundle(
         Path(args.bundle), Path(args.checkpoint) if args.checkpoint else None,
-        samples=args.samples, device=args.device,
+        samples=args.samples, device=args.device, corpus=_quality_corpus(args),
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -125,9 +143,11 @@ def torch_device(text: str) -> str:
     return text
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="synthetic",
-                   help="'synthetic' (built-in corpus) or an NLG4RS directory with reviews.pickle")
+def _add_data_args(p: argparse.ArgumentParser, default: str | None = "synthetic",
+                   why: str = "") -> None:
+    p.add_argument("--data", default=default,
+                   help="'synthetic' (built-in corpus) or an NLG4RS directory with "
+                   f"reviews.pickle{why}")
     p.add_argument("--index-dir",
                    help="directory with train/validation/test.index (default: found under --data)")
     p.add_argument("--corpus-seed", type=int, default=0, help="seed of the synthetic corpus")
@@ -176,14 +196,29 @@ def add_export_commands(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint file (e.g. OUT/best.pt)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--top-k", type=int, default=64, help="sampling candidates K (0 = greedy only)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="fp16 is for the CUDA provider")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="fp16 is for the CUDA provider; int8 for the CPU provider (needs --data)")
     p.add_argument("--samples", type=int, default=200,
                    help="(user, item) pairs decoded in verification")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                    help="ORT device to verify on")
     p.add_argument("--keep-failed", action="store_true",
                    help="keep a bundle that fails verification at OUT.failed for inspection")
+    g = p.add_argument_group(
+        "quality kept", "the tolerances verification holds the bundle to; defaults are the "
+        "precision's (gruserve.export.precision). The export fails, leaving any bundle at "
+        "--out as it was, when one is missed.",
+    )
+    _add_data_args(g, default=None, why=": the corpus the model was trained on, whose test "
+                   "split gives the task metrics beside fp32's (required with int8)")
+    g.add_argument("--max-log-prob-error", type=float, metavar="X",
+                   help="max |log-prob - PyTorch's| at any step (fp32 1e-4, fp16 0.05, int8 0.5)")
+    g.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                   help="least greedy token agreement with PyTorch fp32, teacher forced over "
+                   "--samples pairs (int8 0.99; fp32/fp16: every divergence a near-tie)")
+    g.add_argument("--max-metric-change", type=float, metavar="FRACTION",
+                   help="most perplexity, BLEU-1/4, FMR or rating RMSE may worsen vs fp32, "
+                   "relative (int8 0.01; fp32/fp16: reported only)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
@@ -197,6 +232,8 @@ def add_export_commands(sub) -> None:
     p.add_argument("--samples", type=int, default=200, help="(user, item) pairs to decode")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_data_args(p, default=None, why=" (with --checkpoint): adds the task metrics of its "
+                   "test split beside fp32's")
     p.add_argument("--record", action="store_true",
                    help="write a passing report into the bundle's manifest")
     p.set_defaults(func=_cmd_verify)

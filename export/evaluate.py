@@ -10,6 +10,10 @@
   as the model sees it: tokenized, cut to `max_len` words, out-of-vocabulary words as `<unk>`.
   FMR uses each review's own feature; FCR and DIV use the feature set of the whole corpus.
 
+What scores a batch is a `Scorer`: by default PyTorch (`TorchScorer`, the checkpoint's own
+model); `gruserve.export.bundle_eval.BundleScorer` scores with a bundle's ONNX graphs instead,
+so the metrics of an exported (e.g. int8) bundle are computed the same way as fp32's.
+
 Reviews whose user or item the checkpoint does not know (a real dataset's test split can
 hold them; a checkpoint evaluated on another corpus certainly does) have no embedding, so
 they are counted, reported and skipped, with a warning, instead of failing the run.
@@ -24,7 +28,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -102,6 +106,42 @@ class EvalReport:
         return out
 
 
+@dataclass
+class BatchScores:
+    """What a scorer returns for one batch of encoded reviews."""
+
+    nll_sum: float  # -log p of every target token (pads excluded), summed
+    ratings: list[float]  # predicted, unclipped
+    generated: list[list[int]]  # greedy decodes: ids without bos and without the final eos
+
+
+class Scorer(Protocol):
+    def __call__(self, users: torch.Tensor, items: torch.Tensor, seqs: torch.Tensor) -> BatchScores:
+        """users, items (B,); seqs (B, max_len + 2) in the seed's sequence format."""
+
+
+class TorchScorer:
+    """Scores with the checkpoint's PyTorch model (the fp32 reference)."""
+
+    def __init__(self, model: NRT, vocab: Vocabulary, max_tokens: int, device: torch.device):
+        self.model, self.vocab, self.max_tokens, self.device = model, vocab, max_tokens, device
+
+    @torch.no_grad()
+    def __call__(self, users: torch.Tensor, items: torch.Tensor, seqs: torch.Tensor) -> BatchScores:
+        vocab = self.vocab
+        user, item, seq = (t.to(self.device) for t in (users, items, seqs))
+        rating, log_probs = self.model(user, item, seq[:, :-1])
+        target = seq[:, 1:]
+        nll = F.nll_loss(
+            log_probs.reshape(-1, log_probs.size(-1)),
+            target.reshape(-1),
+            ignore_index=vocab.pad_id,
+            reduction="sum",
+        ).item()
+        generated = _greedy(self.model, user, item, vocab.bos_id, vocab.eos_id, self.max_tokens)
+        return BatchScores(nll, rating.cpu().tolist(), generated)
+
+
 def evaluate(
     checkpoint: Checkpoint,
     corpus: Corpus,
@@ -110,8 +150,10 @@ def evaluate(
     batch_size: int = 256,
     max_tokens: int | None = None,
     device: str = "cpu",
+    scorer: Scorer | None = None,
 ) -> EvalReport:
-    """Evaluate `checkpoint` on `corpus.split(split)`; max_tokens defaults to its max_len."""
+    """Evaluate `checkpoint` on `corpus.split(split)`; max_tokens defaults to its max_len.
+    `scorer` (default: the checkpoint's PyTorch model on `device`) computes the figures."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     config = checkpoint.model_config
@@ -137,31 +179,24 @@ def evaluate(
             f"knows; is this the corpus the model was trained on?"
         )
 
-    torch_device = resolve_device(device)
-    model = checkpoint.build_model().to(torch_device)
     vocab = checkpoint.vocab
+    if scorer is None:
+        torch_device = resolve_device(device)
+        model = checkpoint.build_model().to(torch_device)
+        scorer = TorchScorer(model, vocab, max_tokens, torch_device)
     data = encode_split(known, vocab, checkpoint.users, checkpoint.items, config.max_len)
 
     total_nll = 0.0
     num_tokens = 0
     predicted: list[float] = []
     generated_ids: list[list[int]] = []
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            user = data.users[start : start + batch_size].to(torch_device)
-            item = data.items[start : start + batch_size].to(torch_device)
-            seq = data.seqs[start : start + batch_size].to(torch_device)
-            rating, log_probs = model(user, item, seq[:, :-1])
-            target = seq[:, 1:]
-            total_nll += F.nll_loss(
-                log_probs.reshape(-1, log_probs.size(-1)),
-                target.reshape(-1),
-                ignore_index=vocab.pad_id,
-                reduction="sum",
-            ).item()
-            num_tokens += int((target != vocab.pad_id).sum())
-            predicted.extend(rating.cpu().tolist())
-            generated_ids.extend(_greedy(model, user, item, vocab.bos_id, vocab.eos_id, max_tokens))
+    for start in range(0, len(data), batch_size):
+        rows = slice(start, start + batch_size)
+        scores = scorer(data.users[rows], data.items[rows], data.seqs[rows])
+        total_nll += scores.nll_sum
+        num_tokens += int((data.seqs[rows, 1:] != vocab.pad_id).sum())
+        predicted.extend(scores.ratings)
+        generated_ids.extend(scores.generated)
 
     references = [_reference_tokens(row.tolist(), vocab) for row in data.seqs]
     hypotheses = [vocab.decode(ids) for ids in generated_ids]

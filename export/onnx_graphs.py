@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .config import ModelConfig
 from .precision import precision_spec
+from .quantize import quantize_step_graph
 from .weights import Linear, NRTWeights
 
 OPSET = 18
@@ -46,7 +47,7 @@ class StepGraphOptions:
     top_k: int = 0
     # adds the full [B, V] log-prob output: for `verify` only, never served
     with_log_probs: bool = False
-    # "fp32" or "fp16" (see precision.py: what runs in half precision and why)
+    # "fp32", "fp16" or "int8" (see precision.py: what runs in which precision and why)
     precision: str = "fp32"
     # False: (hidden [L, B, H], tokens) -> (hidden_out, ...) with no slot pool. Only for
     # bench/graphs.py, which measures what the pool's Gather + ScatterND cost.
@@ -216,7 +217,9 @@ def build_step_graph(
             helper.make_tensor_value_info(HIDDEN, state_type, [cfg.num_layers, "batch", H]),
             _batch_ids(TOKENS),
         ]
-    return g.model("gruserve_decoder_step", inputs, outputs)
+    step = g.model("gruserve_decoder_step", inputs, outputs)
+    # int8: the float graph with its vocabulary projection rewritten (quantize.py)
+    return quantize_step_graph(step) if precision.quantized else step
 
 
 def _to_pool_dtype(g: _GraphBuilder, states: str, pool_type: int) -> str:

@@ -13,6 +13,7 @@ from gruserve.runtime.providers import SessionConfig, session_options, wanted_pr
 from gruserve.runtime.runner import StepRunner
 
 from . import onnx_graphs as og
+from .bundle_eval import greedy_decodes
 from .model import NRT, greedy_decode, nrt_weights
 from .precision import PRECISIONS, PrecisionSpec
 from .verify_report import Checks, GreedyParity
@@ -54,8 +55,10 @@ class PoolWatch:
         return new
 
 
-def _sample_pairs(num_users: int, num_items: int, n: int, rng: np.random.Generator):
-    """n distinct (user, item) index pairs where the grid allows, drawn with a fixed seed."""
+def verify_pairs(num_users: int, num_items: int, n: int, seed: int):
+    """The (user, item) index pairs greedy parity decodes: n distinct ones where the grid
+    allows, a function of the seed alone, so anyone can decode the same pairs again."""
+    rng = np.random.default_rng([seed, 1])
     grid = num_users * num_items
     flat = rng.choice(grid, size=n, replace=n > grid)
     return flat // num_items, flat % num_items
@@ -159,20 +162,22 @@ def _topk_step(runner, watch, slots, tokens, t_lp, t_hidden, spec, checks, tag, 
                  spec.greedy_tie_margin, where)
 
 
-def _ort_greedy(runner: StepRunner, slots, users, items, bos: int, eos: int, max_tokens: int):
-    """The served greedy loop, batched: what the engine does, without the scheduler."""
+def _teacher_forced(runner: StepRunner, slots, users, items, expected: list[list[int]],
+                    bos: int, eos: int, max_tokens: int) -> tuple[int, int]:
+    """Steps along PyTorch's greedy decodes (their <eos> included), each fed PyTorch's token:
+    returns (steps, steps where the served graph's next token is PyTorch's)."""
+    targets = [want + [eos] if len(want) < max_tokens else want for want in expected]
     runner.encode(slots, users, items)
     tokens = np.full(len(slots), bos, dtype=np.int64)
-    outputs: list[list[int]] = [[] for _ in slots]
-    done = np.zeros(len(slots), dtype=bool)
-    for _ in range(max_tokens):
-        tokens = runner.step(slots, slots, tokens).next_tokens
-        for row in np.flatnonzero(~done & (tokens != eos)):
-            outputs[row].append(int(tokens[row]))
-        done |= tokens == eos
-        if done.all():
-            break
-    return outputs
+    num_steps = num_agreeing = 0
+    for t in range(max(len(target) for target in targets)):
+        rows = np.array([r for r, target in enumerate(targets) if len(target) > t])
+        want = np.array([targets[r][t] for r in rows], dtype=np.int64)
+        got = runner.step(slots[rows], slots[rows], tokens[rows]).next_tokens
+        num_steps += len(rows)
+        num_agreeing += int(np.count_nonzero(got == want))
+        tokens[rows] = want
+    return num_steps, num_agreeing
 
 
 def _margin(model: NRT, user: int, item: int, prefix: list[int], a: int, b: int, bos: int) -> float:
@@ -186,12 +191,14 @@ def _margin(model: NRT, user: int, item: int, prefix: list[int], a: int, b: int,
 
 def greedy_parity(
     bundle: Bundle, model: NRT, runner: StepRunner, spec: PrecisionSpec, samples: int,
-    rng: np.random.Generator, progress: bool,
+    seed: int, progress: bool,
 ) -> GreedyParity:
     cfg = model.config
     bos, eos = bundle.special_ids["bos"], bundle.special_ids["eos"]
-    users, items = _sample_pairs(cfg.num_users, cfg.num_items, samples, rng)
-    report = GreedyParity(max_tokens=bundle.max_len, tie_margin=spec.greedy_tie_margin)
+    users, items = verify_pairs(cfg.num_users, cfg.num_items, samples, seed)
+    rng = np.random.default_rng([seed, 2])  # the slots each chunk decodes in
+    report = GreedyParity(max_tokens=bundle.max_len, tie_margin=spec.greedy_tie_margin,
+                          min_agreement=spec.min_agreement, seed=seed)
     chunk = min(GREEDY_CHUNK, runner.num_slots)
     starts = range(0, samples, chunk)
     for start in tqdm(starts, desc="greedy parity", unit="batch", disable=not progress):
@@ -200,7 +207,10 @@ def greedy_parity(
             model, torch.as_tensor(u), torch.as_tensor(i), bos, eos, bundle.max_len
         )
         slots = rng.permutation(runner.num_slots)[: len(u)]
-        got = _ort_greedy(runner, slots, u, i, bos, eos, bundle.max_len)
+        got = greedy_decodes(runner, slots, u, i, bos, eos, bundle.max_len)
+        steps, agreeing = _teacher_forced(runner, slots, u, i, expected, bos, eos, bundle.max_len)
+        report.num_steps += steps
+        report.num_steps_agreeing += agreeing
         for row, (want, have) in enumerate(zip(expected, got, strict=True)):
             report.num_pairs += 1
             if want == have:

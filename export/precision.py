@@ -27,7 +27,7 @@ close), i.e. a genuine near-tie; fp32 bundles of a trained model show none at al
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import TensorProto
@@ -42,6 +42,13 @@ class PrecisionSpec:
     # max abs difference against PyTorch float32 that verification accepts
     log_prob_tolerance: float
     hidden_tolerance: float
+    # weights quantized by gruserve.export.quantize (a CPU-only format)
+    quantized: bool = False
+    # the least greedy token agreement with PyTorch fp32 (0: every divergence must be a
+    # near-tie instead, see greedy_tie_margin)
+    min_agreement: float = 0.0
+    # the most a task metric may worsen relative to fp32 on the test split (None: not gated)
+    max_metric_change: float | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -53,12 +60,51 @@ class PrecisionSpec:
         return 2 * self.log_prob_tolerance
 
     def tolerance_dict(self) -> dict:
-        return {"log_probs": self.log_prob_tolerance, "hidden": self.hidden_tolerance}
+        out = {"log_probs": self.log_prob_tolerance, "hidden": self.hidden_tolerance}
+        if self.quantized:
+            out.update(greedy_agreement=self.min_agreement, metrics_relative=self.max_metric_change)
+        return out
+
+    def with_tolerance(
+        self, *, log_probs: float | None = None, greedy_agreement: float | None = None,
+        metrics_relative: float | None = None,
+    ) -> PrecisionSpec:
+        """This precision with some tolerances overridden (as given to export)."""
+        spec = self
+        if log_probs is not None:
+            if not log_probs >= 0:
+                raise ValueError(f"the log-prob tolerance must be >= 0, got {log_probs}")
+            spec = replace(spec, log_prob_tolerance=float(log_probs))
+        if greedy_agreement is not None:
+            if not 0.0 <= greedy_agreement <= 1.0:
+                raise ValueError(f"greedy agreement must be in [0, 1], got {greedy_agreement}")
+            spec = replace(spec, min_agreement=float(greedy_agreement))
+        if metrics_relative is not None:
+            if not metrics_relative >= 0:
+                raise ValueError(f"the metric tolerance must be >= 0, got {metrics_relative}")
+            spec = replace(spec, max_metric_change=float(metrics_relative))
+        return spec
+
+    @classmethod
+    def from_manifest(cls, precision: str, tolerance: dict | None) -> PrecisionSpec:
+        """The precision with the tolerances a bundle was exported with (its manifest's)."""
+        spec = precision_spec(precision)
+        if not tolerance:
+            return spec
+        return spec.with_tolerance(
+            log_probs=tolerance.get("log_probs"),
+            greedy_agreement=tolerance.get("greedy_agreement"),
+            metrics_relative=tolerance.get("metrics_relative"),
+        )
 
 
 PRECISIONS: dict[str, PrecisionSpec] = {
     "fp32": PrecisionSpec("fp32", np.float32, TensorProto.FLOAT, 1e-4, 1e-4),
     "fp16": PrecisionSpec("fp16", np.float16, TensorProto.FLOAT16, 5e-2, 1e-2),
+    "int8": PrecisionSpec(
+        "int8", np.float32, TensorProto.FLOAT, 0.5, 1e-4,
+        quantized=True, min_agreement=0.99, max_metric_change=0.01,
+    ),
 }
 
 

@@ -23,6 +23,16 @@ Learning it takes both embeddings: the aspect comes from the user, the adjective
 (item, aspect) pair, the phrasing from the user; the adjective synonyms and template choice
 keep it from being a lookup table. Everything is drawn from `numpy.random.default_rng(seed)`
 in a fixed order, so one seed gives byte-identical files.
+
+A lexicon (off in the default spec, on in `REFERENCE_SPEC`) makes the vocabulary as large as
+a real corpus's (NRT keeps 20,000 words) and the tips as long and as varied: pseudo-words
+(three consonant-vowel syllables, never an English word of the templates) name each item
+(`num_item_words`, mentioned "near the <word>") and are each user's pet words
+(`num_user_words`, put in front); a Zipf-distributed filler lexicon (`num_filler_words`)
+supplies a tail of `mean_filler_words` words on average; a few tips shrink to the adjective
+alone, "<adjective> <aspect>" or "<aspect> was <adjective>". Tips run from 1 to 20+ words.
+The ground truth is unchanged: `feature` is the aspect the tip talks about. These draws come
+after all of the default spec's, so a spec without a lexicon gives the same corpus as before.
 """
 
 from __future__ import annotations
@@ -66,6 +76,11 @@ FILLERS: tuple[str, ...] = ("honestly", "overall", "well", "also")
 FAVOURITE_TEMPLATE_PROB = 0.7  # else a template drawn uniformly
 RATING_NOISE = 0.35  # std of the Gaussian added before rounding
 MAX_USER_BIAS = 0.5
+# the lexicon (see the module docstring)
+ITEM_WORD_PROB = 0.6  # a tip mentions one of its item's words
+USER_WORD_PROB = 0.4  # a tip starts with one of its user's pet words
+ZIPF_EXPONENT = 1.0  # filler word of rank r is drawn with probability ~ 1 / r
+SYLLABLES: tuple[str, ...] = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
 PICKLE_PROTOCOL = 4  # fixed so the bytes do not depend on the Python version's default
 
 
@@ -81,6 +96,12 @@ class SyntheticSpec:
     noise: float = 0.05
     train_fraction: float = 0.8
     validation_fraction: float = 0.1
+    # the lexicon (0 = none: the small default corpus)
+    num_item_words: int = 0  # pseudo-words per item
+    num_user_words: int = 0  # pet words per user
+    num_filler_words: int = 0  # Zipf-distributed filler lexicon
+    mean_filler_words: float = 0.0  # filler words appended per tip, on average
+    short_tip_prob: float = 0.0  # a tip of 1-3 words: "<adjective>", "<adjective> <aspect>", ...
 
     def __post_init__(self) -> None:
         if self.num_users < 1 or self.num_items < 1:
@@ -100,6 +121,46 @@ class SyntheticSpec:
             and self.train_fraction + self.validation_fraction < 1
         ):
             raise ValueError("train_fraction and validation_fraction must be > 0 and sum below 1")
+        for name in ("num_item_words", "num_user_words", "num_filler_words"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mean_filler_words < 0 or (self.mean_filler_words and not self.num_filler_words):
+            raise ValueError("mean_filler_words must be >= 0, and > 0 only with num_filler_words")
+        if not 0.0 <= self.short_tip_prob <= 1.0:
+            raise ValueError(f"short_tip_prob must be in [0, 1], got {self.short_tip_prob}")
+        num_words = (
+            self.num_items * self.num_item_words + self.num_users * self.num_user_words
+            + self.num_filler_words
+        )
+        if num_words > len(SYLLABLES) ** 3 // 2:
+            raise ValueError(f"the lexicon asks for {num_words} pseudo-words; at most "
+                             f"{len(SYLLABLES) ** 3 // 2}")
+
+    @property
+    def has_lexicon(self) -> bool:
+        return bool(
+            self.num_item_words or self.num_user_words or self.num_filler_words
+            or self.short_tip_prob
+        )
+
+
+# The reference-size corpus (bench/train_reference.py trains the reference model on it): a
+# vocabulary of more than 20,000 word types in the training split, tips of 1 to 20+ words.
+REFERENCE_SPEC = SyntheticSpec(
+    seed=0,
+    num_users=2000,
+    num_items=1500,
+    num_reviews=30000,
+    num_aspects=12,
+    noise=0.05,
+    train_fraction=0.8,
+    validation_fraction=0.1,
+    num_item_words=4,
+    num_user_words=2,
+    num_filler_words=30000,
+    mean_filler_words=3.0,
+    short_tip_prob=0.05,
+)
 
 
 @dataclass(frozen=True)
@@ -184,6 +245,8 @@ def _generate(spec: SyntheticSpec) -> tuple[GroundTruth, list[dict], dict[str, t
     talked_quality = item_quality[items, talked]
     template = np.where(favourite, user_style[users], any_template)
 
+    lexicon = _Lexicon(spec, users, items, rng) if spec.has_lexicon else None
+
     records = []
     for k in range(n):
         quality = int(talked_quality[k])
@@ -194,6 +257,8 @@ def _generate(spec: SyntheticSpec) -> tuple[GroundTruth, list[dict], dict[str, t
         text = templates[template[k]].format(aspect=aspect, adj=adjective)
         if with_filler[k]:
             text = f"{FILLERS[filler[k]]} {text}"
+        if lexicon is not None:
+            text = lexicon.tip(k, text, aspect, adjective)
         records.append(
             {
                 "user": user_ids[users[k]],
@@ -212,6 +277,72 @@ def _generate(spec: SyntheticSpec) -> tuple[GroundTruth, list[dict], dict[str, t
         },
     )
     return truth, records, _split(spec, order, users, items)
+
+
+class _Lexicon:
+    """The pseudo-words of a spec with a lexicon, and the per-review draws that use them."""
+
+    def __init__(self, spec: SyntheticSpec, users: np.ndarray, items: np.ndarray, rng) -> None:
+        n = spec.num_reviews
+        num_item = spec.num_items * spec.num_item_words
+        num_user = spec.num_users * spec.num_user_words
+        words = _pseudo_words(num_item + num_user + spec.num_filler_words, rng)
+        self.item_words = np.array(words[:num_item], dtype=object).reshape(
+            spec.num_items, spec.num_item_words)
+        self.user_words = np.array(words[num_item:num_item + num_user], dtype=object).reshape(
+            spec.num_users, spec.num_user_words)
+        self.filler = words[num_item + num_user:]
+        self.users, self.items = users, items
+        self.mention_item = (rng.random(n) < ITEM_WORD_PROB) & (spec.num_item_words > 0)
+        self.item_pick = rng.integers(0, max(spec.num_item_words, 1), n)
+        self.mention_user = (rng.random(n) < USER_WORD_PROB) & (spec.num_user_words > 0)
+        self.user_pick = rng.integers(0, max(spec.num_user_words, 1), n)
+        self.short = rng.random(n) < spec.short_tip_prob
+        self.short_form = rng.integers(0, 3, n)
+        if spec.mean_filler_words > 0:
+            # geometric on {0, 1, ...} with the given mean
+            tail = rng.geometric(1.0 / (1.0 + spec.mean_filler_words), n) - 1
+            ranks = np.arange(1, spec.num_filler_words + 1, dtype=np.float64)
+            weights = ranks ** -ZIPF_EXPONENT
+            drawn = rng.choice(
+                spec.num_filler_words, size=int(tail.sum()), p=weights / weights.sum()
+            )
+        else:
+            tail, drawn = np.zeros(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        self.tail_ends = np.cumsum(tail)
+        self.tail_drawn = drawn
+
+    def tip(self, k: int, text: str, aspect: str, adjective: str) -> str:
+        if self.short[k]:
+            return (adjective, f"{adjective} {aspect}", f"{aspect} was {adjective}")[
+                self.short_form[k]]
+        if self.mention_item[k]:
+            text = f"{text} near the {self.item_words[self.items[k], self.item_pick[k]]}"
+        if self.mention_user[k]:
+            text = f"{self.user_words[self.users[k], self.user_pick[k]]} {text}"
+        start = self.tail_ends[k - 1] if k else 0
+        tail = [self.filler[w] for w in self.tail_drawn[start:self.tail_ends[k]]]
+        return " ".join([text, *tail])
+
+
+def _pseudo_words(count: int, rng: np.random.Generator) -> list[str]:
+    """`count` distinct three-syllable pseudo-words in a seeded order. None is a word of the
+    templates (those have other shapes), so aspects and adjectives keep their meaning."""
+    reserved = set(" ".join((*POSITIVE_TEMPLATES, *NEGATIVE_TEMPLATES)).split())
+    reserved |= set(ASPECTS) | set(FILLERS) | {a for level in ADJECTIVES for a in level}
+    reserved |= {"near", "the"}
+    space = len(SYLLABLES) ** 3
+    picked = rng.choice(space, size=min(space, count + len(reserved)), replace=False)
+    words = []
+    for code in picked:
+        a, rest = divmod(int(code), len(SYLLABLES) ** 2)
+        b, c = divmod(rest, len(SYLLABLES))
+        word = SYLLABLES[a] + SYLLABLES[b] + SYLLABLES[c]
+        if word not in reserved:
+            words.append(word)
+        if len(words) == count:
+            break
+    return words
 
 
 def _split(

@@ -15,8 +15,13 @@ With the checkpoint it was exported from, also, at each batch size (1, 3, 64 by 
 - greedy decodes of `samples` (user, item) pairs, PyTorch `greedy_decode` vs the served step
   graph through the runner, token for token, with the first divergence named.
 
+With a corpus too: the task metrics of the bundle's graphs (bundle_eval.py) beside PyTorch
+fp32's on its test split: perplexity, BLEU-1/4, FMR, rating RMSE (and the rest, recorded).
+An int8 export needs one: its quality is judged by these and by the token agreement.
+
 A shape mismatch stops the comparison (fatal); a tolerance miss is recorded with the worst
-value and where it first happened. Tolerances come from the bundle's precision (precision.py).
+value and where it first happened. Tolerances are the bundle's (its manifest's "tolerance",
+written at export; the precision's defaults in precision.py).
 """
 
 from __future__ import annotations
@@ -45,21 +50,26 @@ from gruserve.runtime.providers import (
     CUDA,
     DeviceError,
     SessionConfig,
+    for_precision,
     session_options,
     wanted_providers,
 )
 from gruserve.runtime.runner import StepRunner, check_io
 
+from .bundle_eval import BundleScorer
 from .bundle_writer import write_bundle, write_manifest
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .corpus import Corpus
+from .evaluate import evaluate
 from .graph_checks import cuda_graph_blockers, cuda_placement
 from .parity import GREEDY_CHUNK, NUM_STEPS, PoolWatch, VerifyGraph, greedy_parity, parity_at
-from .precision import precision_spec
+from .precision import PrecisionSpec, precision_spec
 from .verify_report import (
     CheckResult,
     Checks,
     Fatal,
     GreedyParity,
+    QualityReport,
     VerificationError,
     VerifyReport,
 )
@@ -202,9 +212,11 @@ def verify_bundle(
     num_steps: int = NUM_STEPS,
     seed: int = 0,
     progress: bool = True,
+    corpus: Corpus | None = None,
 ) -> VerifyReport:
     """Verifies a bundle (see the module docstring). Never raises for a bad bundle: the
-    report says what failed (report.ok, report.first_failure, report.summary())."""
+    report says what failed (report.ok, report.first_failure, report.summary()). `corpus`
+    (with a checkpoint) adds the task metrics on its test split."""
     started = time.perf_counter()
     report = VerifyReport(
         bundle=str(bundle_dir), precision="?", device=device,
@@ -214,7 +226,7 @@ def verify_bundle(
     checks = Checks()
     try:
         _verify(report, checks, Path(bundle_dir), checkpoint, samples, device, batch_sizes,
-                num_steps, seed, progress)
+                num_steps, seed, progress, corpus)
     except Fatal:
         pass
     except Exception as exc:  # noqa: BLE001 - a crash is a failed check with its reason
@@ -226,16 +238,17 @@ def verify_bundle(
 
 
 def _verify(report, checks, bundle_dir, checkpoint, samples, device, batch_sizes, num_steps,
-            seed, progress) -> None:
+            seed, progress, corpus) -> None:
     try:
         bundle = load_bundle(bundle_dir)
     except BundleError as exc:
         checks.fail("integrity", str(exc))
         raise Fatal("integrity") from None
     checks.passed("integrity", f"{len(bundle.graphs)} graphs, hashes match")
-    spec = precision_spec(bundle.precision)
+    spec = PrecisionSpec.from_manifest(bundle.precision, bundle.manifest.get("tolerance"))
     report.precision, report.tolerance = spec.name, spec.tolerance_dict()
-    config = SessionConfig(device=device)
+    # int8 runs on the CPU provider only: cuda is a failed check, auto means cpu
+    config = for_precision(bundle.precision, SessionConfig(device=device))
     _structure(bundle, checks)
     _dummy_runs(bundle, config, checks)
     report.provider = _runner_smoke(bundle, config, checks)
@@ -258,7 +271,26 @@ def _verify(report, checks, bundle_dir, checkpoint, samples, device, batch_sizes
     for batch in tqdm(batch_sizes, desc="step parity", unit="batch size", disable=not progress):
         parity_at(batch, model, runner, vgraph, spec, checks, rng, num_steps)
     if samples > 0:
-        report.greedy = greedy_parity(bundle, model, runner, spec, samples, rng, progress)
+        report.greedy = greedy_parity(bundle, model, runner, spec, samples, seed, progress)
+    if corpus is not None:
+        report.quality = quality(bundle, checkpoint, corpus, spec, config)
+    elif spec.quantized:
+        report.notes.append(
+            f"{spec.name}: task metrics not measured; give the corpus the model was trained on "
+            "(--data) to compare them with fp32's"
+        )
+
+
+def quality(bundle: Bundle, checkpoint: Checkpoint, corpus: Corpus, spec: PrecisionSpec,
+            config: SessionConfig, split: str = "test", batch_size: int = 256) -> QualityReport:
+    """The bundle's task metrics beside the checkpoint's (PyTorch fp32) on one split."""
+    max_tokens = bundle.max_len
+    reference = evaluate(checkpoint, corpus, split=split, batch_size=batch_size)
+    scorer = BundleScorer(bundle, max_batch=batch_size, max_tokens=max_tokens, config=config)
+    served = evaluate(checkpoint, corpus, split=split, batch_size=batch_size, scorer=scorer)
+    return QualityReport.compare(
+        split, served.num_evaluated, reference.metrics, served.metrics, spec.max_metric_change
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -291,8 +323,14 @@ def export_bundle(
     batch_sizes: tuple[int, ...] = (1, 3, 64),
     keep_failed: bool = False,
     progress: bool = True,
+    corpus: Corpus | None = None,
+    tolerance: dict | None = None,
 ):
     """write_bundle + verify_bundle + the report recorded in the manifest.
+
+    `tolerance` overrides the precision's defaults (keys of PrecisionSpec.with_tolerance:
+    log_probs, greedy_agreement, metrics_relative); the manifest records what was used.
+    `corpus` adds the task metrics of its test split; int8 requires it.
 
     The bundle is written and verified beside out_dir and only moved into place when it
     passes, so out_dir never holds an unverified bundle (a previous bundle there is replaced
@@ -301,7 +339,13 @@ def export_bundle(
     `<out_dir>.failed` with the failing report in its manifest.
 
     Returns (out_dir, report)."""
-    precision_spec(precision)  # fail on a bad name before any work
+    # a bad name or tolerance fails before any work
+    spec = precision_spec(precision).with_tolerance(**(tolerance or {}))
+    if spec.quantized and corpus is None:
+        raise ValueError(
+            f"precision {precision}: the export must measure the task metrics it keeps; give "
+            "the corpus the model was trained on (--data)"
+        )
     checkpoint = (
         checkpoint_path if isinstance(checkpoint_path, Checkpoint)
         else load_checkpoint(Path(checkpoint_path))
@@ -311,9 +355,10 @@ def export_bundle(
     log.info("writing %s bundle to %s", precision, staging)
     write_bundle(checkpoint, staging, top_k=top_k, model_name=model_name, precision=precision)
     try:
+        _record_tolerance(staging, spec)
         report = verify_bundle(
             staging, checkpoint, samples=samples, device=device, batch_sizes=batch_sizes,
-            progress=progress,
+            progress=progress, corpus=corpus,
         )
         report.bundle = str(out_dir)
         record_verify_report(staging, report)
@@ -333,6 +378,13 @@ def export_bundle(
     raise VerificationError(
         f"{out_dir}: verification failed ({where}): {report.first_failure}", report
     )
+
+
+def _record_tolerance(bundle_dir: Path, spec: PrecisionSpec) -> None:
+    """The tolerances export was given, in the manifest (not hashed) where verify reads them."""
+    manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
+    manifest["tolerance"] = spec.tolerance_dict()
+    write_manifest(manifest, bundle_dir)
 
 
 def _move_into_place(src: Path, dst: Path) -> None:

@@ -33,10 +33,78 @@ class GreedyParity:
     # the first divergence that fails (else the first near-tie): {"pair", "user", "item",
     # "position", "expected", "got", "margin", "near_tie"}; user and item are external ids
     first_divergence: dict | None = None
+    # token agreement, teacher forced: the steps of PyTorch's greedy decodes (their <eos>
+    # included) at which the served graph, fed PyTorch's tokens, picks PyTorch's next token
+    num_steps: int = 0
+    num_steps_agreeing: int = 0
+    # the least agreement that passes (the precision's; 0 = not gated)
+    min_agreement: float = 0.0
+    # the pairs decoded are parity.verify_pairs(num_users, num_items, num_pairs, seed)
+    seed: int = 0
+
+    @property
+    def agreement(self) -> float:
+        return self.num_steps_agreeing / self.num_steps if self.num_steps else 0.0
 
     @property
     def ok(self) -> bool:
-        return self.num_failed == 0 and self.num_pairs > 0
+        return self.num_failed == 0 and self.num_pairs > 0 and self.agreement >= self.min_agreement
+
+
+# the task metrics an export is judged by, and whether lower is better
+GATED_METRICS: dict[str, bool] = {
+    "perplexity": True, "bleu_1": False, "bleu_4": False, "fmr": False, "rmse": True,
+}
+
+
+@dataclass
+class MetricComparison:
+    name: str
+    reference: float  # PyTorch fp32 (the checkpoint)
+    bundle: float  # the bundle's graphs
+    # relative change, positive = worse (None: the reference is 0 and the bundle is not)
+    change: float | None
+    ok: bool
+
+
+@dataclass
+class QualityReport:
+    """Task metrics of the bundle beside PyTorch fp32's on one split of the corpus."""
+
+    split: str
+    num_reviews: int
+    # the most a metric may worsen, relative (None: reported, not gated)
+    max_change: float | None
+    metrics: list[MetricComparison] = field(default_factory=list)
+    # every metric of both evaluations (evaluate's keys), for the record
+    reference_metrics: dict = field(default_factory=dict)
+    bundle_metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def compare(cls, split: str, num_reviews: int, reference: dict, bundle: dict,
+                max_change: float | None) -> QualityReport:
+        report = cls(split, num_reviews, max_change, reference_metrics=dict(reference),
+                     bundle_metrics=dict(bundle))
+        for name, lower_is_better in GATED_METRICS.items():
+            a, b = float(reference[name]), float(bundle[name])
+            worse = b - a if lower_is_better else a - b
+            change = worse / abs(a) if a != 0 else (0.0 if worse == 0 else None)
+            ok = max_change is None or worse <= max_change * abs(a)
+            report.metrics.append(MetricComparison(name, a, b, change, ok))
+        return report
+
+    @property
+    def ok(self) -> bool:
+        return all(m.ok for m in self.metrics)
+
+    @property
+    def first_failure(self) -> str | None:
+        for m in self.metrics:
+            if not m.ok:
+                change = "n/a" if m.change is None else f"{100 * m.change:.2f}%"
+                return (f"quality: {self.split} {m.name} {m.bundle:.4g} vs fp32 {m.reference:.4g} "
+                        f"({change} worse > {100 * self.max_change:.2f}%)")
+        return None
 
 
 @dataclass
@@ -49,6 +117,8 @@ class VerifyReport:
     tolerance: dict = field(default_factory=dict)
     checks: list[CheckResult] = field(default_factory=list)
     greedy: GreedyParity | None = None
+    # task metrics beside fp32's (verify given a corpus; required by an int8 export)
+    quality: QualityReport | None = None
     onnxruntime_version: str = ort.__version__
     torch_version: str | None = None
     # caveats a reader must see, e.g. fp16 verified on the CPU provider
@@ -59,7 +129,24 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         greedy_ok = self.greedy is None or self.greedy.ok
-        return bool(self.checks) and all(c.ok for c in self.checks) and greedy_ok
+        quality_ok = self.quality is None or self.quality.ok
+        return bool(self.checks) and all(c.ok for c in self.checks) and greedy_ok and quality_ok
+
+    @property
+    def max_log_prob_error(self) -> float | None:
+        """The largest log-prob difference from PyTorch over every step compared: the whole
+        vocabulary's (the verification graph) and the served top-K's."""
+        return self._max_value((".log_probs", ".logprobs"))
+
+    @property
+    def max_served_log_prob_error(self) -> float | None:
+        """The same for the served sampling graph's top-K log-probs alone."""
+        return self._max_value((".logprobs",))
+
+    def _max_value(self, suffixes: tuple[str, ...]) -> float | None:
+        values = [c.value for c in self.checks
+                  if c.value is not None and c.name.endswith(suffixes)]
+        return max(values) if values else None
 
     @property
     def first_failure(self) -> str | None:
@@ -67,22 +154,37 @@ class VerifyReport:
             if not c.ok:
                 return f"{c.name}: {c.detail}"
         if self.greedy is not None and not self.greedy.ok:
-            d = self.greedy.first_divergence
+            g = self.greedy
+            d = g.first_divergence
             if d is None:
                 return "greedy: no pair decoded"
+            if g.num_failed == 0:
+                return (
+                    f"greedy: token agreement {100 * g.agreement:.2f}% < "
+                    f"{100 * g.min_agreement:.2f}% ({g.num_steps_agreeing}/{g.num_steps} steps); "
+                    f"first divergence: pair {d['pair']} (user {d['user']}, item {d['item']}) "
+                    f"at position {d['position']}: expected token {d['expected']}, got "
+                    f"{d['got']} (PyTorch margin {d['margin']:.3g})"
+                )
             return (
                 f"greedy: pair {d['pair']} (user {d['user']}, item {d['item']}) diverges at "
                 f"position {d['position']}: expected token {d['expected']}, got {d['got']} "
                 f"(PyTorch margin {d['margin']:.3g} > {self.greedy.tie_margin:.3g})"
             )
+        if self.quality is not None and not self.quality.ok:
+            return self.quality.first_failure
         return None
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["ok"] = self.ok
         data["first_failure"] = self.first_failure
+        data["max_log_prob_error"] = self.max_log_prob_error
+        data["max_served_log_prob_error"] = self.max_served_log_prob_error
         if self.greedy is not None:
-            data["greedy"]["ok"] = self.greedy.ok
+            data["greedy"].update(ok=self.greedy.ok, agreement=self.greedy.agreement)
+        if self.quality is not None:
+            data["quality"]["ok"] = self.quality.ok
         return data
 
     def summary(self) -> str:
@@ -91,12 +193,37 @@ class VerifyReport:
         for c in self.checks:
             figure = "" if c.value is None else f"{c.value:.3g} (tol {c.tolerance:.3g})"
             lines.append(f"  {'ok  ' if c.ok else 'FAIL'} {c.name:<34} {figure:<24} {c.detail}")
+        if self.max_log_prob_error is not None:
+            served = self.max_served_log_prob_error
+            lines.append(
+                f"  max |log-prob error| vs PyTorch: {self.max_log_prob_error:.3g} "
+                f"(tol {self.tolerance.get('log_probs', float('nan')):.3g})"
+                + ("" if served is None else f"; served top-K log-probs {served:.3g}")
+            )
         if self.greedy is not None:
             g = self.greedy
+            gate = f" (min {100 * g.min_agreement:.2f}%)" if g.min_agreement else ""
             lines.append(
                 f"  {'ok  ' if g.ok else 'FAIL'} greedy parity: {g.num_identical}/{g.num_pairs} "
-                f"identical, {g.num_near_ties} near-ties, {g.num_failed} divergences"
+                f"identical, {g.num_near_ties} near-ties, {g.num_failed} divergences; token "
+                f"agreement {100 * g.agreement:.2f}% ({g.num_steps_agreeing}/{g.num_steps}){gate}"
             )
+            d = g.first_divergence
+            if d is not None:
+                lines.append(
+                    f"       first divergence: pair {d['pair']} (user {d['user']}, item "
+                    f"{d['item']}) at position {d['position']}: PyTorch {d['expected']}, "
+                    f"served {d['got']}, PyTorch margin {d['margin']:.3g}"
+                )
+        if self.quality is not None:
+            q = self.quality
+            gate = "reported" if q.max_change is None else f"tol {100 * q.max_change:.2f}% worse"
+            lines.append(f"  {'ok  ' if q.ok else 'FAIL'} task metrics on {q.split} "
+                         f"({q.num_reviews} reviews; {gate}):  fp32 -> {self.precision}")
+            for m in q.metrics:
+                change = "n/a" if m.change is None else f"{100 * m.change:+.2f}%"
+                lines.append(f"       {'ok  ' if m.ok else 'FAIL'} {m.name:<11} "
+                             f"{m.reference:>10.4f} -> {m.bundle:<10.4f} ({change}, + = worse)")
         lines += [f"  note: {n}" for n in self.notes]
         verdict = "PASS" if self.ok else f"FAIL: {self.first_failure}"
         lines.append(f"{verdict} ({self.seconds:.1f} s)")

@@ -25,7 +25,9 @@ REQUIRED_GRAPHS = (ENCODER, STEP_GREEDY)
 # numpy dtype names a manifest may use for a graph's tensors
 DTYPES = ("float32", "float16", "int64")
 # export precision -> the state pool's dtype (gruserve.export.precision has the details)
-POOL_DTYPES = {"fp32": "float32", "fp16": "float16"}
+POOL_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
+# precisions whose graphs only the CPU provider runs (int8: com.microsoft.MatMulIntegerToFloat)
+CPU_ONLY_PRECISIONS = frozenset({"int8"})
 
 # role-level names the runtime binds, per graph role (the manifest maps them to graph names)
 _POOL_BINDINGS = ("pool", "pool_out")

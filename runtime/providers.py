@@ -7,17 +7,19 @@ are missing, so the provider a session actually got is read back from get_provid
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 
 import onnxruntime as ort
 
+from .bundle import CPU_ONLY_PRECISIONS
 from .config import DEVICES, SessionConfig
 
 log = logging.getLogger(__name__)
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 __all__ = ["CPU", "CUDA", "DEVICES", "DeviceError", "SessionConfig", "check_provider",
-           "session_options", "wanted_providers"]
+           "for_precision", "session_options", "wanted_providers"]
 
 
 class DeviceError(RuntimeError):
@@ -68,6 +70,20 @@ def wanted_providers(config: SessionConfig) -> list:
     if config.cuda_graphs:
         cuda_options["enable_cuda_graph"] = "1"
     return [(CUDA, cuda_options), CPU]
+
+
+def for_precision(precision: str, config: SessionConfig) -> SessionConfig:
+    """The session config a bundle of this precision runs with. int8 graphs are a CPU format
+    (their quantized MatMuls are CPU kernels): --device cuda is refused, auto means cpu."""
+    if precision not in CPU_ONLY_PRECISIONS or config.device == "cpu":
+        return config
+    if config.device == "cuda":
+        raise DeviceError(
+            f"--device cuda: this bundle is {precision}, a CPU-only format; serve it with "
+            "--device cpu (or auto), or export fp32/fp16 for the GPU"
+        )
+    log.info("%s bundle: running on the CPU provider (--device auto)", precision)
+    return dataclasses.replace(config, device="cpu", cuda_graphs=False)
 
 
 def check_provider(session: ort.InferenceSession, config: SessionConfig, what: str) -> str:

@@ -18,7 +18,14 @@ import onnxruntime as ort
 
 from .bundle import ENCODER, STATE_WRITER, STEP_GREEDY, STEP_TOPK, Bundle, BundleError, GraphSpec
 from .model_runner import StepOutput, split_step
-from .providers import CUDA, SessionConfig, check_provider, session_options, wanted_providers
+from .providers import (
+    CUDA,
+    SessionConfig,
+    check_provider,
+    for_precision,
+    session_options,
+    wanted_providers,
+)
 from .step_buckets import BucketedStep
 
 log = logging.getLogger(__name__)
@@ -154,7 +161,7 @@ class StepRunner:
     def __init__(
         self, bundle: Bundle, *, num_slots: int, config: SessionConfig | None = None
     ) -> None:
-        config = config or SessionConfig()
+        config = for_precision(bundle.precision, config or SessionConfig())
         if num_slots <= 0:
             raise ValueError("num_slots must be positive")
         self.bundle = bundle

@@ -31,6 +31,14 @@ def synthetic_bundle_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synthetic_int8_bundle_dir(tmp_path_factory) -> Path:
+    """A copy of the committed int8 export of the same random weights (CPU-only format)."""
+    from .synthetic_bundle import INT8_BUNDLE_DIR
+
+    return Path(shutil.copytree(INT8_BUNDLE_DIR, tmp_path_factory.mktemp("bundles") / "int8"))
+
+
+@pytest.fixture(scope="session")
 def synthetic_bundle(synthetic_bundle_dir):
     from gruserve.runtime.bundle import load_bundle
 

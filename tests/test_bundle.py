@@ -116,7 +116,7 @@ def _edit(manifest: dict, path: str, value) -> None:
         ("model_config.hidden_size", "32"), ("graphs.decoder_step.inputs", [{"name": 1}]),
         ("graphs.decoder_step.bindings.tokens", "no_such_input"),
         ("graphs.decoder_step.inputs.0.dtype", "complex64"),
-        ("precision", "int8"), ("precision", "fp16"),
+        ("precision", "int4"), ("precision", "fp16"),
         ("graphs.decoder_step_topk.attributes.top_k", 8),
         ("graphs.decoder_step_topk.attributes.top_k", "16"),
         ("graphs.decoder_step_topk.attributes", DROP),

@@ -6,14 +6,21 @@ import pytest
 from gruserve.export.corpus import load_corpus, tokenize
 from gruserve.export.synthetic import (
     ADJECTIVES,
+    ASPECTS,
     FILLERS,
+    REFERENCE_SPEC,
     SyntheticSpec,
     make_synthetic_corpus,
     synthetic_ground_truth,
     write_synthetic_corpus,
 )
+from gruserve.export.vocab import Vocabulary
 
 SMALL = SyntheticSpec(seed=3, num_users=40, num_items=30, num_reviews=900)
+LEXICON = SyntheticSpec(
+    seed=5, num_users=60, num_items=40, num_reviews=2000, num_item_words=3, num_user_words=2,
+    num_filler_words=3000, mean_filler_words=3.0, short_tip_prob=0.1,
+)
 
 
 def _files(reviews_path, index_dir):
@@ -117,9 +124,69 @@ def test_ratings_are_1_to_5_and_track_quality_on_the_users_aspect():
     assert means == sorted(means) and means[3] - means[0] > 3
 
 
+@pytest.fixture(scope="module")
+def reference_corpus():
+    return make_synthetic_corpus(REFERENCE_SPEC)
+
+
+def test_reference_preset_fills_the_reference_vocabulary(reference_corpus):
+    train = reference_corpus.split("train")
+    types = Counter(word for review in train for word in review.tokens)
+    assert len(types) >= 20_000
+    # what training builds: the 20,000 most frequent words + 4 specials = the reference ntoken
+    assert len(Vocabulary.build((r.tokens for r in train), max_size=20_000)) == 20_004
+    lengths = Counter(len(r.tokens) for r in reference_corpus.reviews)
+    assert set(range(1, 16)) <= set(lengths) and max(lengths) > 15
+    for review in reference_corpus.reviews[:2000]:
+        assert review.feature in ASPECTS and review.adjective in review.tokens
+        # a one-word tip is the adjective alone; every longer one names its aspect
+        assert review.feature in review.tokens or review.tokens == [review.adjective]
+
+
+def test_lexicon_words_belong_to_their_item_and_user():
+    reviews = make_synthetic_corpus(LEXICON).reviews
+    item_words, user_words = {}, {}
+    for r in reviews:
+        words = r.tokens
+        if "near" in words:
+            item_words.setdefault(r.item, set()).add(words[words.index("near") + 2])
+        if words[0] not in {"the", "we", "really", r.adjective, r.feature, *FILLERS}:
+            user_words.setdefault(r.user, set()).add(words[0])
+    assert len(item_words) == LEXICON.num_items and len(user_words) == LEXICON.num_users
+    assert all(len(w) <= LEXICON.num_item_words for w in item_words.values())
+    assert all(len(w) <= LEXICON.num_user_words for w in user_words.values())
+    every_item_word = [w for words in item_words.values() for w in words]
+    assert len(every_item_word) == len(set(every_item_word))  # no word names two items
+    assert not set(every_item_word) & {w for ws in user_words.values() for w in ws}
+
+
+def test_lexicon_filler_follows_zipf_and_tips_vary_in_length():
+    reviews = make_synthetic_corpus(LEXICON).reviews
+    fixed = {w for r in reviews for w in (r.feature, r.adjective)}
+    counts = Counter(w for r in reviews for w in r.tokens if w not in fixed)
+    ranked = [c for _, c in counts.most_common()]
+    # p(rank r) ~ 1/r: the top filler word is far more common than the 100th
+    assert ranked[0] > 20 * ranked[99]
+    lengths = Counter(len(r.tokens) for r in reviews)
+    assert {1, 2, 3} <= set(lengths) and max(lengths) > 15
+    assert sum(lengths[n] for n in (1, 2, 3)) == pytest.approx(0.1 * len(reviews), rel=0.25)
+
+
+def test_lexicon_corpus_is_deterministic_and_keeps_the_ground_truth(tmp_path):
+    first = _files(*write_synthetic_corpus(tmp_path / "a", LEXICON))
+    assert first == _files(*write_synthetic_corpus(tmp_path / "b", LEXICON))
+    truth = synthetic_ground_truth(LEXICON)
+    for review in make_synthetic_corpus(LEXICON).reviews:
+        assert review.adjective in ADJECTIVES[truth.quality(review.item, review.feature)]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
+        {"num_item_words": -1},
+        {"mean_filler_words": 2.0},  # no filler lexicon to draw from
+        {"short_tip_prob": 1.5},
+        {"num_filler_words": 10**6},
         {"num_aspects": 13},
         {"num_aspects": 1},
         {"num_users": 0},

@@ -8,19 +8,21 @@ import pytest
 from gruserve.runtime.bundle import MANIFEST, sha256_file
 from gruserve.runtime.runner import StepRunner
 
-from .synthetic_bundle import BUNDLE_DIR, CONFIG
+from .synthetic_bundle import BUNDLE_DIR, CONFIG, INT8_BUNDLE_DIR
 
 
-def test_the_committed_bundle_is_what_the_generator_builds(tmp_path):
+@pytest.mark.parametrize(("committed_dir", "precision"),
+                         [(BUNDLE_DIR, "fp32"), (INT8_BUNDLE_DIR, "int8")])
+def test_the_committed_bundle_is_what_the_generator_builds(tmp_path, committed_dir, precision):
     pytest.importorskip("onnx", reason="building a bundle needs onnx (the export extra)")
     from .synthetic_bundle import build_synthetic_bundle
 
-    rebuilt = build_synthetic_bundle(tmp_path / "rebuilt")
-    committed = {p.name: sha256_file(p) for p in BUNDLE_DIR.iterdir()}
+    rebuilt = build_synthetic_bundle(tmp_path / "rebuilt", precision)
+    committed = {p.name: sha256_file(p) for p in committed_dir.iterdir()}
     fresh = {p.name: sha256_file(p) for p in rebuilt.iterdir()}
     assert MANIFEST in committed
     assert fresh == committed, (
-        "tests/data/synthetic-bundle is stale: run `make synthetic-bundle` and commit it"
+        f"{committed_dir} is stale: run `make synthetic-bundle` and commit it"
     )
 
 
