@@ -153,10 +153,21 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, telemetry: RpcTelemetry, services: tuple[str, ...] = (SERVICE_NAME,)):
         self.telemetry = telemetry
         self.prefixes = tuple(f"/{name}/" for name in services)
+        # method -> (the handler grpc gave, its checked wrapper): built once per method, not
+        # per call (grpc hands out the same handler object for a method each time)
+        self._wrapped: dict[str, tuple] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler):
         if (
             handler is None
             or handler.request_deserializer is None

@@ -4,6 +4,7 @@ metrics endpoint, reflection, the async client and the `gruserve generate` comma
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -195,6 +196,28 @@ def test_stream_flush_policy_sends_fewer_messages_and_the_same_tokens(synthetic_
     assert [t for ch in chunks for t in ch.token_ids] == list(unary.token_ids)
     assert "".join(ch.text for ch in chunks) == unary.text
     assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_request_checks_are_built_once_per_method(synthetic_bundle_dir, pair, monkeypatch):
+    from gruserve.runtime.servicer import MalformedRequestInterceptor
+
+    built = []
+    real = MalformedRequestInterceptor._wrap
+
+    def counting(self, method, handler):
+        built.append(method)
+        return real(self, method, handler)
+
+    monkeypatch.setattr(MalformedRequestInterceptor, "_wrap", counting)
+    gc.unfreeze()  # whatever an earlier server in this process froze
+    with running_server(synthetic_bundle_dir) as s, GruserveClient(s.target) as c:
+        warm = len(built)  # the warm-up's own calls go through the server's engine, not gRPC
+        for _ in range(5):
+            c.generate(**pair)
+            list(c.stream(**pair))
+        assert built[warm:].count("/gruserve.v1.Generator/Generate") <= 1
+        assert built[warm:].count("/gruserve.v1.Generator/GenerateStream") <= 1
+        assert gc.get_freeze_count() > 0  # start-up's objects are out of the collector's way
 
 
 def test_batch_answers_in_order(client, pairs, synthetic_bundle):
