@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `python bench/ab.py --before {args.before} --runs {args.runs} -- "
         f"{' '.join(script)}`\n"
         f"- machine: {machine_line()}\n"
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n"
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}\n"
         f"- before ({args.before}): {', '.join(f'{x:.2f}x' for x in figures['before'])}; "
         f"median {before:.2f}x\n"
         f"- after (working tree): {', '.join(f'{x:.2f}x' for x in figures['after'])}; "

@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{command.strip()}`",
         f"- machine: {machine_line()}; ORT and torch threads: "
         f"{threads}",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- python {platform.python_version()}, onnxruntime "
         f"{__import__('onnxruntime').__version__}, torch {__import__('torch').__version__}, "
         f"numpy {np.__version__}",

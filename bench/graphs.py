@@ -269,7 +269,7 @@ def render(args, argv, step_rows, head_rows, pool_rows, load_before, load_after)
         f"{ort.__version__} (CPU provider, intra-op threads {args.threads or 'ORT default'}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python "
         f"{platform.python_version()}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average "
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (other jobs share the machine: "
         "compare ratios within a row, not absolute times across runs)",
         f"- model: random-weight NRT, vocab {REFERENCE['ntoken']}, emb {REFERENCE['emsize']}, "

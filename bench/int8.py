@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- command: `{command}`",
         f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs; ORT threads {threads}",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; load "
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; load "
         f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
         f"{time.perf_counter() - started:.0f} s",
         f"- python {platform.python_version()}, onnxruntime {ort.__version__}, torch "

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from machine import cpu_model  # bench/machine.py (scripts run from bench/)
@@ -270,7 +270,7 @@ def main(argv: list[str]) -> int:
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + argv),
         "cpu": cpu_model(), "cores": os.cpu_count(),
         "platform": f"{platform.system()} {platform.release()}",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
         "grpcio": grpc.__version__, "concurrency": args.concurrency,
     }

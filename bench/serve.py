@@ -61,7 +61,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from machine import isa_flags, machine_line
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                                             + (argv if argv is not None else sys.argv[1:])),
             "machine": machine_line(), "isa": isa_flags(), "cores": os.cpu_count(),
             "platform": f"{platform.system()} {platform.release()}",
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": _versions(args, servers), "model": REFERENCE,
             "plan": {**plan.__dict__, "batch_size": args.batch_size,
                      "triton_queue_delay_us": args.triton_queue_delay_us,

@@ -144,7 +144,7 @@ Command: `{command}`
 Machine: {machine(config.num_threads)}
 Load average (1 min) before / after: {load_before:.2f} / {load_after:.2f} (other work on the
 machine slows the timing, never the quality figures)
-Date: {datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+Date: {datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 Corpus: `DEMO_SPEC` = SyntheticSpec({spec}).
 Training: `DEMO_TRAIN` = TrainConfig({train_cfg}).

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 Command: `{command}`
 Machine: {machine(config.num_threads or torch.get_num_threads())}
 Load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}
-Date: {datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+Date: {datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 Corpus: SyntheticSpec({spec_text}).
 Training: TrainConfig({train_text}).

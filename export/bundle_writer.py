@@ -10,7 +10,7 @@ import json
 import logging
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -173,7 +173,7 @@ def write_bundle_from_weights(
             "format_version": FORMAT_VERSION,
             "model_name": model_name,
             "created_at": created_at
-            or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            or datetime.now(UTC).isoformat(timespec="seconds"),
             "model_config": cfg.to_dict(),
             "special_ids": {
                 "bos": vocab.bos_id, "eos": vocab.eos_id, "pad": vocab.pad_id, "unk": vocab.unk_id,

@@ -30,7 +30,7 @@ import json
 import logging
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +221,7 @@ def verify_bundle(
     report = VerifyReport(
         bundle=str(bundle_dir), precision="?", device=device,
         with_checkpoint=checkpoint is not None,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     checks = Checks()
     try:

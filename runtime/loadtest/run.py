@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 
@@ -58,7 +58,7 @@ async def run_loadtest(
     config: LoadTestConfig, progress: Callable[[ProgressSnapshot], None] | None = None
 ) -> LoadTestResult:
     """Connects, checks the server answers GetModelInfo, applies the load, builds the result."""
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     target = config.connection.target
     async with AsyncGruserveClient(config.connection, timeout=config.timeout_s) as client:
         try:
