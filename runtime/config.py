@@ -127,15 +127,17 @@ class SchedulerConfig:
     )
     max_stop_tokens: int = setting(16, "most stop_token_ids one request may give", minimum=0)
     max_beams: int = setting(8, "largest num_beams a beam request may ask", minimum=1)
-    # TopK(K) over the vocabulary costs ~13% of a step on CPU; a second graph run costs a
-    # fixed launch. So greedy rows run apart when enough of them share a step with rows
-    # that need candidates (sampling, beams, log-probs, min_tokens not yet reached)
+    # Greedy rows can run the ArgMax graph apart from rows that need TopK candidates
+    # (sampling, beams, log-probs, min_tokens not reached) in a second graph run. TopK costs
+    # ~10% of a step, but on CPU every run reads all the weights again: measured on 2 cores
+    # at the reference size (bench/results/split.md), a split step took 1.51x the whole-step
+    # TopK at 16 rows (8 greedy), 1.23x at 64 (32 greedy), 1.00x at 256 (128 greedy) and
+    # 0.95x at 256 (224 greedy). So only a batch of mostly greedy rows is split by default.
     split_min_greedy_rows: int = setting(
-        8, "greedy rows that run the cheap ArgMax graph apart from rows needing TopK "
+        192, "greedy rows that run the cheap ArgMax graph apart from rows needing TopK "
         "candidates in the same step (fewer: the whole step runs the TopK graph; 0 = never)",
         minimum=0,
     )
-
     def __post_init__(self) -> None:
         _check_bounds(self)
         if self.max_batch_size > self.num_slots:
