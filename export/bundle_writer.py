@@ -25,6 +25,7 @@ from gruserve.runtime.bundle import (
     MANIFEST,
     STATE_WRITER,
     STEP_GREEDY,
+    STEP_HEAD,
     STEP_TOPK,
     sha256_file,
 )
@@ -60,6 +61,10 @@ _BINDINGS = {
 }
 _BINDINGS[STEP_TOPK] = {
     **_BINDINGS[STEP_GREEDY], "topk_logprobs": og.TOPK_LOGPROBS, "topk_ids": og.TOPK_IDS,
+}
+_BINDINGS[STEP_HEAD] = {
+    "pool": og.POOL, "slots": og.SLOTS, "topk_logprobs": og.TOPK_LOGPROBS,
+    "topk_ids": og.TOPK_IDS,
 }
 
 
@@ -155,6 +160,7 @@ def write_bundle_from_weights(
                 ),
                 {"top_k": top_k},
             )
+            graphs[STEP_HEAD] = (og.build_head_graph(weights, top_k, precision), {"top_k": top_k})
         manifest_graphs = {}
         for role, (graph, attributes) in graphs.items():
             entry = _write_graph(graph, staging / f"{role}.onnx")

@@ -127,8 +127,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="where checkpoint.pt and bundle/ go (default %(default)s)")
     parser.add_argument("--work-dir", type=Path,
                         help="training directory (default: a temporary one, removed after)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="re-export and verify the bundle from the shipped checkpoint, "
+                        "without retraining (after a change of the bundle format)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.export_only:
+        path, report = export_demo_bundle(args.out / CHECKPOINT_FILE, args.out / "bundle")
+        print(report.summary())
+        return 0 if report.ok else 1
     if args.work_dir is not None:
         rebuild_demo_model(args.out, work_dir=args.work_dir)
     else:

@@ -222,6 +222,40 @@ def build_step_graph(
     return quantize_step_graph(step) if precision.quantized else step
 
 
+def build_head_graph(weights: NRTWeights, top_k: int, precision: str = "fp32") -> onnx.ModelProto:
+    """(pool, slots) -> (topk_logprobs, topk_ids): the TopK candidates of the states already
+    in those slots, without stepping; the pool is an input only, never written.
+
+    What lets a greedy request with min_tokens left stay on the cheap ArgMax step: only when
+    that step's token would end it early does the runtime read the candidates of the new
+    state here, and takes the best one that does not end it. Float32 logits in every
+    precision (the int8 step's shortlist is not needed on this rare path)."""
+    cfg = weights.config
+    if not 0 < top_k <= cfg.ntoken:
+        raise ValueError(f"top_k={top_k} must be in 1..{cfg.ntoken}")
+    spec = precision_spec(precision)
+    g = _GraphBuilder(spec.np_dtype)
+    _axes_consts(g)
+    h_all = g.op("Gather", [POOL, SLOTS], axis=1)  # (1, B, H)
+    h = g.op("Squeeze", [h_all, "axis_0"])  # (B, H)
+    logits = g.linear(h, weights.output, "decoder.linear")  # (B, V)
+    if spec.onnx_dtype != TensorProto.FLOAT:
+        logits = g.op("Cast", [logits], name="logits_fp32", to=TensorProto.FLOAT)
+    log_probs = g.op("LogSoftmax", [logits], axis=1)
+    k = g.const("top_k", np.array([top_k], dtype=np.int64))
+    g.op("TopK", [log_probs, k], num_outputs=2, name="topk", axis=1)
+    g.nodes[-1].output[:] = [TOPK_LOGPROBS, TOPK_IDS]
+    inputs = [
+        _pool_value_info(POOL, cfg.num_layers, cfg.hidden_size, spec.onnx_dtype),
+        _batch_ids(SLOTS),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(TOPK_LOGPROBS, TensorProto.FLOAT, ["batch", top_k]),
+        helper.make_tensor_value_info(TOPK_IDS, TensorProto.INT64, ["batch", top_k]),
+    ]
+    return g.model("gruserve_decoder_head", inputs, outputs)
+
+
 def _to_pool_dtype(g: _GraphBuilder, states: str, pool_type: int) -> str:
     if pool_type == TensorProto.FLOAT:
         return states

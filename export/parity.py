@@ -160,6 +160,16 @@ def _topk_step(runner, watch, slots, tokens, t_lp, t_hidden, spec, checks, tag, 
     checks.diff(f"{name}.ids", out.topk_logprobs, at_ids, spec.log_prob_tolerance, where)
     checks.value(f"{name}.argmax_gap", _argmax_gap(t_lp, out.next_tokens),
                  spec.greedy_tie_margin, where)
+    if runner.head_top_k:
+        # the head graph reads the candidates of the states the step just wrote, and writes
+        # nothing (min_tokens on the greedy graph relies on both)
+        head_lp, head_ids = runner.candidates(slots)
+        watch.after(np.zeros(0, dtype=np.int64), f"head {where}")
+        head = f"served.head[{tag}]"
+        expected = torch.topk(t_lp, runner.head_top_k, dim=1).values
+        checks.diff(f"{head}.logprobs", head_lp, expected, spec.log_prob_tolerance, where)
+        at_ids = t_lp.gather(1, torch.as_tensor(head_ids, dtype=torch.int64))
+        checks.diff(f"{head}.ids", head_lp, at_ids, spec.log_prob_tolerance, where)
 
 
 def _teacher_forced(runner: StepRunner, slots, users, items, expected: list[list[int]],

@@ -21,6 +21,9 @@ FORMAT_VERSION = 1
 # Graph roles the runtime knows; the manifest maps each to a file and I/O names.
 ENCODER, STEP_GREEDY = "encoder", "decoder_step"
 STEP_TOPK, STATE_WRITER = "decoder_step_topk", "state_writer"
+# the candidates of states already in the pool, without stepping (optional: older bundles
+# have none, and then min_tokens moves a step to the TopK graph)
+STEP_HEAD = "decoder_head"
 REQUIRED_GRAPHS = (ENCODER, STEP_GREEDY)
 # numpy dtype names a manifest may use for a graph's tensors
 DTYPES = ("float32", "float16", "int64")
@@ -37,6 +40,7 @@ ROLE_BINDINGS = {
     STEP_GREEDY: _STEP_BINDINGS,
     STEP_TOPK: (*_STEP_BINDINGS, "topk_logprobs", "topk_ids"),
     STATE_WRITER: (*_POOL_BINDINGS, "slots", "states"),
+    STEP_HEAD: ("pool", "slots", "topk_logprobs", "topk_ids"),
 }
 
 
@@ -119,6 +123,12 @@ class Bundle:
         spec = self.graphs.get(STEP_TOPK)
         return int(spec.attributes.get("top_k", 0)) if spec else 0
 
+    @property
+    def head_top_k(self) -> int:
+        """K of the head graph's candidates; 0 when the bundle has none."""
+        spec = self.graphs.get(STEP_HEAD)
+        return int(spec.attributes.get("top_k", 0)) if spec else 0
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -182,7 +192,7 @@ def _graph_spec(root: Path, role: str, entry: dict) -> GraphSpec:
     unknown = sorted(v for v in spec.bindings.values() if v not in names)
     if unknown:
         raise BundleError(f"{where}: bindings name {unknown}, which are not graph inputs/outputs")
-    if role == STEP_TOPK:
+    if role in (STEP_TOPK, STEP_HEAD):
         top_k = spec.attributes.get("top_k")
         candidates = next(t for t in spec.outputs if t.name == spec.bindings["topk_ids"])
         if type(top_k) is not int or top_k <= 0 or candidates.shape[-1:] != (top_k,):

@@ -52,7 +52,10 @@ class EngineCore:
             info, self.limits, can_write_states=runner.can_write_states,
             fallback=recommender.unknown_entities == "fallback",
         )
-        self.scheduler = Scheduler(config, bos_id=info.bos_id, eos_id=info.eos_id, clock=clock)
+        self.scheduler = Scheduler(
+            config, bos_id=info.bos_id, eos_id=info.eos_id, clock=clock,
+            candidates=runner.candidates if runner.head_top_k else None,
+        )
 
     def add(self, request: Request) -> None:
         """Queues a built request; raises QueueFullError (or InvalidRequestError for one the

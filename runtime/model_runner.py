@@ -52,6 +52,15 @@ class ModelRunner(Protocol):
     def can_write_states(self) -> bool:
         """Whether write_states works (the bundle has a state-writer graph)."""
 
+    @property
+    def head_top_k(self) -> int:
+        """K of candidates(); 0 when the runner cannot read candidates without stepping."""
+
+    def candidates(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The TopK candidates, (B, K) log-probs and ids, of the states now in `slots`:
+        no step, nothing written. For greedy rows whose ArgMax token would end them before
+        min_tokens (rare), so that they need not run the TopK graph every step."""
+
     def encode(self, slots: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Writes each (user, item)'s initial state into its slot; returns ratings (B,)."""
 

@@ -16,7 +16,16 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import ENCODER, STATE_WRITER, STEP_GREEDY, STEP_TOPK, Bundle, BundleError, GraphSpec
+from .bundle import (
+    ENCODER,
+    STATE_WRITER,
+    STEP_GREEDY,
+    STEP_HEAD,
+    STEP_TOPK,
+    Bundle,
+    BundleError,
+    GraphSpec,
+)
 from .model_runner import StepOutput, split_step
 from .providers import (
     CUDA,
@@ -89,10 +98,15 @@ class _BoundGraph:
                 return np.dtype(t.dtype)
         raise BundleError(f"{self.spec.path}: manifest has no input '{name}' for '{role}'")
 
-    def bind_pool(self, pool: ort.OrtValue, host_outputs: tuple[str, ...]) -> None:
-        """Binds the pool in and out to one buffer, once; host outputs are named here."""
+    def bind_pool(
+        self, pool: ort.OrtValue, host_outputs: tuple[str, ...], *, writes: bool = True
+    ) -> None:
+        """Binds the pool in and (when the graph writes it) out to one buffer, once; host
+        outputs are named here."""
         self.binding.bind_ortvalue_input(self.names["pool"], pool)
-        self.binding.bind_ortvalue_output(self.names["pool_out"], pool)
+        if writes:
+            self.binding.bind_ortvalue_output(self.names["pool_out"], pool)
+        self._first_host_output = 1 if writes else 0  # the pool output comes first
         self.host_outputs = tuple(self.names[role] for role in host_outputs)
         self.num_host_outputs = len(host_outputs)
 
@@ -114,7 +128,8 @@ class _BoundGraph:
             b.bind_output(name, "cpu")
         self.session.run_with_iobinding(b)
         outputs = b.get_outputs()  # the pool first (bound first), then the host outputs
-        return [outputs[i + 1].numpy() for i in range(self.num_host_outputs)]
+        first = self._first_host_output
+        return [outputs[first + i].numpy() for i in range(self.num_host_outputs)]
 
 
 class _ScratchRater:
@@ -181,6 +196,11 @@ class StepRunner:
             if STATE_WRITER in bundle.graphs
             else None
         )
+        self._head = (
+            _BoundGraph(bundle.graphs[STEP_HEAD], uncaptured)
+            if STEP_HEAD in bundle.graphs
+            else None
+        )
         device = "cuda" if self.provider == CUDA else "cpu"
         # bucketed steps pad with rows that read and write one extra, never-owned slot
         pool_rows = num_slots + 1 if config.cuda_graphs else num_slots
@@ -188,7 +208,7 @@ class StepRunner:
         # the pool's dtype is the step graph's (float16 in an fp16 bundle); every graph that
         # binds the pool must agree, or binding one buffer to all of them is wrong
         self.pool_dtype = self._greedy.input_dtype("pool")
-        for graph in (self._encoder, self._topk, self._writer):
+        for graph in (self._encoder, self._topk, self._writer, self._head):
             if graph is not None and graph.input_dtype("pool") != self.pool_dtype:
                 raise BundleError(
                     f"{graph.spec.path}: pool dtype {graph.input_dtype('pool')} differs from "
@@ -209,6 +229,8 @@ class StepRunner:
             self._topk.bind_pool(self.pool, ("next_token", "topk_logprobs", "topk_ids"))
         if self._writer is not None:
             self._writer.bind_pool(self.pool, ())
+        if self._head is not None:
+            self._head.bind_pool(self.pool, ("topk_logprobs", "topk_ids"), writes=False)
         self._bucketed_greedy = self._bucketed_topk = None
         if config.cuda_graphs:
             self._bucketed_greedy = self._bucketed(self._greedy, device, top_k=0)
@@ -239,6 +261,18 @@ class StepRunner:
     @property
     def can_write_states(self) -> bool:
         return self._writer is not None
+
+    @property
+    def head_top_k(self) -> int:
+        return self.bundle.head_top_k if self._head is not None else 0
+
+    def candidates(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The TopK candidates (log-probs (B, K) float32, ids (B, K) int64) of the states in
+        `slots`, without stepping or writing anything."""
+        if self._head is None:
+            raise BundleError(f"{self.bundle.path}: bundle has no {STEP_HEAD} graph")
+        logprobs, ids = self._head.run({"slots": _i64(slots)})
+        return logprobs, ids
 
     def encode(self, slots: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Writes each pair's initial state into its slot; returns the ratings (B,) float32."""

@@ -79,10 +79,16 @@ class Scheduler:
         bos_id: int,
         eos_id: int,
         clock=time.monotonic,
+        candidates=None,
     ) -> None:
+        """`candidates(slots) -> (log-probs, ids)`, when the runner can read the TopK
+        candidates of states without stepping (ModelRunner.candidates): then greedy requests
+        with min_tokens left run the ArgMax graph too, and only a token that would end one
+        early is replaced by its best candidate that does not."""
         self.config = config
         self.bos_id, self.eos_id = bos_id, eos_id
         self._clock = clock
+        self._candidates = candidates
         self.slots = SlotTable(config.num_slots, config.max_tokens, config.max_stop_tokens)
         self._waiting: collections.deque[Request] = collections.deque()
         self._known: dict[str, Request] = {}  # waiting or running, by id
@@ -163,11 +169,9 @@ class Scheduler:
         t = self.slots
         rows = t.live_rows()
         if rows.size:
-            needs = (
-                (t.mode[rows] != GREEDY)
-                | t.wants_logprobs[rows]
-                | (t.num_generated[rows] < t.min_tokens[rows])
-            )
+            needs = (t.mode[rows] != GREEDY) | t.wants_logprobs[rows]
+            if self._candidates is None:  # <eos> suppressed among the TopK candidates
+                needs |= t.num_generated[rows] < t.min_tokens[rows]
             num_needs = int(np.count_nonzero(needs))
             split = self.config.split_min_greedy_rows
             topk_rows = None
@@ -327,6 +331,27 @@ class Scheduler:
         tokens[idx] = chosen
         logprobs[idx] = chosen_lp
 
+    def _keep_going(self, rows, gen, tokens) -> None:
+        """Greedy rows that ran the ArgMax graph with min_tokens left: where its token would
+        end one early, take the best candidate of the new state that does not (read from the
+        pool without stepping, for those rows only)."""
+        t = self.slots
+        early = gen < t.min_tokens[rows]
+        if not early.any():
+            return
+        stop = t.stop_ids[rows] if t.has_stop_ids[rows].any() else None
+        idx = np.flatnonzero(early & ending_tokens(tokens, self.eos_id, stop))
+        if not idx.size:
+            return
+        r = rows[idx]  # the write slots: the new states are there
+        logprobs, ids = self._candidates(r)
+        allowed = suppress_token(
+            logprobs, ids, self.eos_id, np.ones(idx.size, bool),
+            None if stop is None else t.stop_ids[r],
+        )
+        chosen, _ = sample_from_candidates(allowed, ids, 0.0, 0, 1.0, np.zeros(idx.size))
+        tokens[idx] = chosen
+
     def _advance_flat(self, rows, next_tokens, topk_logprobs, topk_ids, now) -> list[RequestOutput]:
         t = self.slots
         gen = t.num_generated[rows]
@@ -338,6 +363,8 @@ class Scheduler:
         if topk_logprobs is not None:
             logprobs = topk_logprobs[:, 0].astype(np.float32)
             self._choose(rows, gen, tokens, logprobs, topk_logprobs, topk_ids)
+        elif self._candidates is not None:
+            self._keep_going(rows, gen, tokens)
         is_stop = None
         has_stop = t.has_stop_ids[rows]
         if has_stop.any():

@@ -46,7 +46,7 @@ def test_the_tiny_bundle_loads_and_describes_itself(tiny_bundle):
     assert tiny_bundle.manifest["pool_dtype"] == "float32"
     assert tiny_bundle.manifest["tolerance"] == {"log_probs": 1e-4, "hidden": 1e-4}
     assert set(tiny_bundle.graphs) == {
-        "encoder", "decoder_step", "decoder_step_topk", "state_writer",
+        "encoder", "decoder_step", "decoder_step_topk", "decoder_head", "state_writer",
     }
     assert not list(tiny_bundle.path.glob("*.data")), "weights must live inside the graphs"
 
@@ -59,7 +59,44 @@ def test_missing_file(bundle_copy, name):
     refused(bundle_copy, name, "missing")
 
 
-@pytest.mark.parametrize("name", ["decoder_step_topk.onnx", "state_writer.onnx", "entities.json"])
+def test_a_bundle_without_a_head_graph_still_serves_min_tokens(bundle_copy):
+    """Bundles exported before the head graph existed: greedy requests with min_tokens then
+    take the TopK graph, as they always did, and decode the same tokens."""
+    from gruserve.runtime.bundle import ModelInfo
+    from gruserve.runtime.config import SchedulerConfig
+    from gruserve.runtime.core import EngineCore
+    from gruserve.runtime.requests import DecodingParams
+
+    def decode(bundle) -> tuple[list[list[int]], int, list[bool]]:
+        runner = StepRunner(bundle, num_slots=8)
+        core = EngineCore(runner, ModelInfo.from_bundle(bundle), SchedulerConfig(num_slots=8))
+        for i, user in enumerate(bundle.users[:6]):
+            core.add(core.requests.build(f"r{i}", DecodingParams(min_tokens=5, max_tokens=9),
+                                         user_id=user, item_id=bundle.items[i]))
+        outputs, wants = [], []
+        while core.has_work():
+            result = core.step()
+            outputs += [o for o in result.outputs if o.finished]
+            if result.plan.step is not None:
+                wants.append(result.plan.step.want_topk)
+        outputs.sort(key=lambda o: o.request_id)
+        return [o.token_ids for o in outputs], runner.head_top_k, wants
+
+    with_head, k, wants = decode(load_bundle(bundle_copy))
+    assert k > 0 and not any(wants)  # the ArgMax graph every step
+    manifest = read_manifest(bundle_copy)
+    del manifest["graphs"]["decoder_head"]
+    write_manifest(bundle_copy, manifest)
+    (bundle_copy / "decoder_head.onnx").unlink()
+    without, k, wants = decode(load_bundle(bundle_copy))
+    assert k == 0 and all(wants[:5])  # TopK while <eos> must be suppressed
+    assert without == with_head
+    assert all(len(tokens) >= 5 for tokens in without)
+
+
+@pytest.mark.parametrize(
+    "name", ["decoder_step_topk.onnx", "decoder_head.onnx", "state_writer.onnx", "entities.json"]
+)
 def test_wrong_hash(bundle_copy, name):
     with open(bundle_copy / name, "ab") as f:
         f.write(b" ")

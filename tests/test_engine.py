@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 
 import numpy as np
@@ -349,6 +350,41 @@ def test_coalesced_streams_lose_and_reorder_nothing(runner, info):
         for (rid, *_), chunks in zip(requests, streams, strict=True):
             assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
             assert [t for c in chunks for t in c.new_token_ids] == solo[rid].token_ids, rid
+
+
+def test_min_tokens_on_the_greedy_graph_gives_the_tokens_of_the_topk_path(runner, info):
+    """Greedy requests with min_tokens step on the ArgMax graph and read candidates only
+    where its token would end them early; with return_logprobs the same requests take the
+    TopK graph every step. Both must decode the same tokens."""
+    assert runner.head_top_k > 0  # the synthetic bundle has a head graph
+    requests = [(f"m{i}", i, DecodingParams(min_tokens=4 + i % 5, max_tokens=14,
+                                            stop_token_ids=(4, 5) if i % 3 else ()))
+                for i in range(10)]
+    reads = []
+    real = runner.candidates
+
+    def counting(slots):
+        reads.append(len(slots))
+        return real(slots)
+
+    async def main():
+        runner.candidates = counting
+        try:
+            async with started(runner, info) as engine:
+                cheap = {h.request_id: await h.result() for h in
+                         [submit(engine, info, rid, i, p) for rid, i, p in requests]}
+                topk = {h.request_id: await h.result() for h in [
+                    submit(engine, info, rid, i, dataclasses.replace(p, return_logprobs=True))
+                    for rid, i, p in requests]}
+            return cheap, topk
+        finally:
+            del runner.candidates
+
+    cheap, topk = run(main())
+    assert reads  # some greedy token would have ended a request early and was replaced
+    for rid, out in topk.items():
+        assert cheap[rid].token_ids == out.token_ids, rid
+        assert len(out.token_ids) >= dict((r, p) for r, _, p in requests)[rid].min_tokens
 
 
 def test_queue_full_raises(runner, info):

@@ -58,16 +58,26 @@ class FakeRunner:
 
     step() reads every row's state from read_slots before writing any write_slot, as the
     step graph does, and returns TopK candidates only when asked, like the real runner.
+    With `head`, candidates() reads them for states in the pool (the head graph), and
+    every call is recorded in `reads`.
     """
 
     top_k = K
     can_write_states = False
 
-    def __init__(self, num_slots: int, lm) -> None:
+    def __init__(self, num_slots: int, lm, head: bool = True) -> None:
         self.num_slots = num_slots
         self.lm = lm
+        self.head_top_k = K if head else 0
         self.pool: list[tuple | None] = [None] * num_slots
         self.steps: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
+        self.reads: list[np.ndarray] = []
+
+    def candidates(self, slots):
+        assert self.head_top_k, "candidates() of a runner without a head"
+        self.reads.append(slots.copy())
+        lps, ids = zip(*(self.lm(self.pool[s]) for s in slots.tolist()), strict=True)
+        return np.stack(lps), np.stack(ids)
 
     def encode(self, slots, users, items):
         for slot, user in zip(slots.tolist(), users.tolist(), strict=True):
@@ -108,9 +118,9 @@ class Driven:
         return getattr(self.core.scheduler, name)
 
 
-def make(num_slots=4, lm=None, clock=None, **config):
+def make(num_slots=4, lm=None, clock=None, head=True, **config):
     cfg = SchedulerConfig(num_slots=num_slots, max_tokens=LIMITS.max_tokens, **config)
-    runner = FakeRunner(num_slots, lm or hashed_lm)
+    runner = FakeRunner(num_slots, lm or hashed_lm, head=head)
     kwargs = {} if clock is None else {"clock": clock}
     return Driven(EngineCore(runner, INFO, cfg, **kwargs)), runner
 
@@ -144,14 +154,15 @@ def finals(outputs):
     return {o.request_id: o for o in outputs if o.finished}
 
 
-def alone(request, lm=hashed_lm):
-    sched, runner = make(lm=lm)
+def alone(request, lm=hashed_lm, head=True):
+    sched, runner = make(lm=lm, head=head)
     sched.add(request)
     return finals(run(sched, runner))[request.request_id]
 
 
 def test_the_fake_runner_satisfies_the_runner_protocol():
     assert isinstance(FakeRunner(2, hashed_lm), ModelRunner)
+    assert isinstance(FakeRunner(2, hashed_lm, head=False), ModelRunner)
     assert not isinstance(object(), ModelRunner)
 
 
@@ -354,19 +365,53 @@ def test_min_tokens_suppresses_eos_and_stop_ids(strategy):
     assert out.finish_reason is FinishReason.EOS
 
 
-def test_greedy_traffic_uses_the_cheap_graph():
-    sched, runner = make(num_slots=4)
+@pytest.mark.parametrize("head", [True, False], ids=["head-graph", "no-head-graph"])
+def test_greedy_traffic_uses_the_cheap_graph(head):
+    sched, runner = make(num_slots=4, head=head)
     sched.add(req("g1"))
     sched.add(req("g2", max_tokens=5))
     run(sched, runner)
     assert not any(want for *_, want in runner.steps)
-    for params in (dict(return_logprobs=True), dict(min_tokens=2),
-                   dict(strategy=Strategy.SAMPLE)):
-        sched, runner = make(num_slots=4)
+    needs_candidates = [dict(return_logprobs=True), dict(strategy=Strategy.SAMPLE)]
+    # with a head graph, min_tokens keeps greedy rows on the cheap graph; without, the step
+    # needs TopK candidates to suppress <eos> in
+    (needs_candidates if not head else []).append(dict(min_tokens=2))
+    for params in needs_candidates:
+        sched, runner = make(num_slots=4, head=head)
         sched.add(req("g"))
         sched.add(req("x", **params))
         run(sched, runner)
         assert runner.steps[0][3], params
+    if head:
+        sched, runner = make(num_slots=4)
+        sched.add(req("g"))
+        sched.add(req("x", min_tokens=2))
+        run(sched, runner)
+        assert not any(want for *_, want in runner.steps)
+
+
+@pytest.mark.parametrize("strategy", [Strategy.GREEDY, Strategy.SAMPLE])
+def test_min_tokens_gives_the_same_tokens_on_the_greedy_graph_as_on_topk(strategy):
+    """Greedy rows with min_tokens run the ArgMax graph and read candidates only where its
+    token would end them early; the tokens are those of the TopK path, for every request of
+    a mixed batch (sampled rows run TopK either way)."""
+    lm = scripted_lm({u: [5 + u, STOP, EOS, 9, EOS] for u in range(6)})
+    mix = [req(f"r{u}", user=u, min_tokens=u % 4, stop_token_ids=(STOP,), max_tokens=8,
+               strategy=strategy if u % 2 else Strategy.GREEDY, seed=u)
+           for u in range(6)]
+    outs = {}
+    for head in (True, False):
+        sched, runner = make(num_slots=6, lm=lm, head=head)
+        for r in mix:
+            sched.add(r)
+        outs[head] = finals(run(sched, runner))
+        if head and strategy is Strategy.GREEDY:
+            assert not any(want for *_, want in runner.steps)  # never the TopK graph
+            assert runner.reads  # some early row's ArgMax token had to be replaced
+    for rid, out in outs[False].items():
+        assert outs[True][rid].token_ids == out.token_ids, rid
+        assert outs[True][rid].finish_reason is out.finish_reason, rid
+    assert outs[True]["r3"].token_ids[:3] == [8, 101, 102]  # STOP and <eos> were suppressed
 
 
 def test_greedy_rows_run_apart_when_enough_share_a_step_with_rows_needing_candidates():
@@ -385,8 +430,9 @@ def test_greedy_rows_run_apart_when_enough_share_a_step_with_rows_needing_candid
         results[split] = finals(run(sched, runner))
         runs = [(r.size, want) for r, _w, _t, want in runner.steps]
         if split:
-            # each step of the busy phase: the 5 greedy rows on the cheap graph, then the rest
-            assert runs[0] == (5, False) and runs[1][1] is True and runs[1][0] >= 3
+            # each step of the busy phase: the 6 greedy rows (min_tokens or not) on the cheap
+            # graph, then the sampled row and the beam
+            assert runs[0] == (6, False) and runs[1][1] is True and runs[1][0] >= 2
             assert sum(n for n, want in runs if not want) >= 5 * 5
         else:
             assert all(want for _, want in runs[:6])  # one graph: candidates for every row
