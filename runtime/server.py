@@ -219,49 +219,8 @@ class GruServer:
         """Binds, starts the engine, warms up, then reports SERVING; returns the bound port."""
         config, transport = self.config, self.config.transport
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        # outermost first: the drain gate decides in the order grpc hands out the calls;
-        # then refuse the unauthenticated before parsing anything
-        self._gate = DrainGate(DRAINED, on_refused=self.telemetry.refused)
-        interceptors: list[grpc.aio.ServerInterceptor] = [self._gate]
-        if transport.auth_token:
-            interceptors.append(
-                BearerTokenInterceptor(transport.auth_token, on_denied=self.telemetry.denied)
-            )
-        interceptors.append(MalformedRequestInterceptor(self.telemetry, SERVICES))
-        server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
-        pb_grpc.add_GeneratorServicer_to_server(
-            GeneratorServicer(
-                self.host, self.telemetry, self._engine_died, service=config.service
-            ),
-            server,
-        )
-        oip_pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.host, self.telemetry, self._engine_died, service=config.service,
-                is_ready=lambda: self._serving,
-            ),
-            server,
-        )
-        server.add_generic_rpc_handlers((RefusedMethods(self.telemetry),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        enable_reflection(
-            (*SERVICES, health.SERVICE_NAME), server,
-            _reflection_pool(
-                pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR,
-                reflection_pb2.DESCRIPTOR,
-            ),
-        )
-        address = format_address(transport.host, transport.port)
-        credentials = self._credentials
-        try:
-            if credentials is None:
-                self.port = server.add_insecure_port(address)
-            else:
-                self.port = server.add_secure_port(address, credentials)
-        except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
-            raise OSError(f"cannot bind {address}: {exc}") from None
-        if not self.port:
-            raise OSError(f"cannot bind {address}")
+        server = self._grpc_server()
+        self.port = self._bind(server)
         barrier_address = self._add_barrier_port(server)
         self.engine.start()
         try:
@@ -296,7 +255,7 @@ class GruServer:
             "gruserve %s serving %s (bundle %s) on %s (provider %s, %d slots, %s%s%s)",
             __version__, self.bundle.name, self.bundle.version,
             format_address(transport.host, self.port), self.provider, config.scheduler.num_slots,
-            "TLS" if credentials else "plaintext",
+            "TLS" if self._credentials else "plaintext",
             ", mutual TLS" if transport.tls_client_ca else "",
             ", token auth" if transport.auth_token else "",
         )
@@ -306,6 +265,58 @@ class GruServer:
                 format_address(transport.metrics_host, self.metrics_port),
             )
         return self.port
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The gRPC server with its interceptors and every service (nothing bound yet)."""
+        config, transport = self.config, self.config.transport
+        # outermost first: the drain gate decides in the order grpc hands out the calls;
+        # then refuse the unauthenticated before parsing anything
+        self._gate = DrainGate(DRAINED, on_refused=self.telemetry.refused)
+        interceptors: list[grpc.aio.ServerInterceptor] = [self._gate]
+        if transport.auth_token:
+            interceptors.append(
+                BearerTokenInterceptor(transport.auth_token, on_denied=self.telemetry.denied)
+            )
+        interceptors.append(MalformedRequestInterceptor(self.telemetry, SERVICES))
+        server = grpc.aio.server(interceptors=interceptors, options=_grpc_options(config))
+        pb_grpc.add_GeneratorServicer_to_server(
+            GeneratorServicer(
+                self.host, self.telemetry, self._engine_died, service=config.service
+            ),
+            server,
+        )
+        oip_pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(
+                self.host, self.telemetry, self._engine_died, service=config.service,
+                is_ready=lambda: self._serving,
+            ),
+            server,
+        )
+        server.add_generic_rpc_handlers((RefusedMethods(self.telemetry),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        enable_reflection(
+            (*SERVICES, health.SERVICE_NAME), server,
+            _reflection_pool(
+                pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR,
+                reflection_pb2.DESCRIPTOR,
+            ),
+        )
+        return server
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """Binds the configured address (TLS when configured); returns the port."""
+        transport = self.config.transport
+        address = format_address(transport.host, transport.port)
+        try:
+            if self._credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, self._credentials)
+        except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
+            raise OSError(f"cannot bind {address}: {exc}") from None
+        if not port:
+            raise OSError(f"cannot bind {address}")
+        return port
 
     async def reload(self, bundle_path: str | Path | None = None) -> bool:
         """Loads and checks the bundle directory again beside the running one; if it
