@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+from machine import machine_line  # bench/machine.py (scripts run from bench/)
 
 HERE = Path(__file__).resolve().parent
 NUM_TOKENS = 15
@@ -212,7 +212,7 @@ def render(results: list[dict], plan: Plan, meta: dict) -> str:
         "# The Open Inference Protocol vs gruserve.v1, one server",
         "",
         f"- command: `{meta['command']}`",
-        f"- machine: {meta['cpu']} ({meta['cores']} cores), {meta['platform']}",
+        f"- machine: {meta['machine']}; {meta['platform']}",
         f"- date: {meta['date']}",
         f"- software: Python {meta['python']}, onnxruntime {meta['onnxruntime']}, grpcio "
         f"{meta['grpcio']}, tritonclient {meta['tritonclient']}",
@@ -261,14 +261,15 @@ def main(argv: list[str]) -> int:
 
     import grpc
     import onnxruntime
-    from serve import build_reference_model, launched  # bench/serve.py
+    from reference_model import build_reference_model
+    from serve import launched  # bench/serve.py
 
     from gruserve.runtime.bundle import load_bundle
     from gruserve.runtime.loadtest import read_entities
 
     meta = {
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + argv),
-        "cpu": cpu_model(), "cores": os.cpu_count(),
+        "machine": machine_line(),
         "platform": f"{platform.system()} {platform.release()}",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
@@ -280,7 +281,7 @@ def main(argv: list[str]) -> int:
     work = Path(tempfile.mkdtemp(prefix="gruserve-oip-bench-"))
     try:
         print(f"building the reference model in {work} ...", flush=True)
-        _ckpt, bundle = build_reference_model(work, args.num_entities, args.num_entities)
+        bundle = build_reference_model(work, args.num_entities, args.num_entities).bundle
         users, items = read_entities(bundle)
         entities = work / "entities.json"
         entities.write_text(json.dumps([users, items]))
