@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from machine import machine_line  # bench/machine.py (scripts run from bench/)
+from cpu import tree_seconds  # bench/cpu.py (scripts run from bench/)
+from machine import machine_line  # bench/machine.py
 
 HERE = Path(__file__).resolve().parent
 NUM_TOKENS = 15
@@ -175,21 +176,19 @@ def parity(target: str, model: str, users, items) -> str:
 
 def run_round(protocol: str, target: str, model: str, entities: Path, server_pid: int,
               plan: Plan, args, seed: int) -> dict:
-    from serve import _proc_ticks  # bench/serve.py: the server's CPU ticks from /proc
-
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "client", "--protocol", protocol,
         "--target", target, "--model", model, "--entities", str(entities),
         "--concurrency", str(args.concurrency), "--warmup-s", str(plan.warmup_s),
         "--duration-s", str(plan.duration_s), "--seed", str(seed),
     ]
-    ticks, wall = _proc_ticks(server_pid), time.monotonic()
+    cpu_s, wall = tree_seconds([server_pid]), time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.monotonic() - wall
     if out.returncode != 0:
         raise RuntimeError(f"{protocol} client failed:\n{out.stderr}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    server_s = (_proc_ticks(server_pid) - ticks) / os.sysconf("SC_CLK_TCK")
+    server_s = tree_seconds([server_pid]) - cpu_s
     result.update(protocol=protocol, server_cores=server_s / wall,
                   # tokens of the whole client run (warm-up too) per server CPU-second
                   tokens_per_server_cpu_s=result["all_tokens"] / server_s if server_s else None)
