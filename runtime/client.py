@@ -220,7 +220,9 @@ def as_connection(target: str | Sequence[str] | Connection) -> Connection:
 
 
 class _StubChoice:
-    """`stub` retries UNAVAILABLE; a call that must not be sent twice (sampling without a
+    """The channels of both clients (blocking, asyncio: `_open` says which kind).
+
+    `stub` retries UNAVAILABLE; a call that must not be sent twice (sampling without a
     seed: a second attempt may have been computed and its answer lost) goes through a
     second channel that never retries, opened on first use."""
 
@@ -228,6 +230,15 @@ class _StubChoice:
     stub: pb_grpc.GeneratorStub
     _once_channel = None
     _once_stub: pb_grpc.GeneratorStub | None = None
+
+    def __init__(
+        self, target: str | Sequence[str] | Connection, timeout: float | None = 30.0
+    ) -> None:
+        self.connection = as_connection(target)
+        self.channel = self._open(retry=True)
+        self.stub = pb_grpc.GeneratorStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
 
     def _open(self, *, retry: bool):
         raise NotImplementedError
@@ -243,15 +254,6 @@ class _StubChoice:
 
 class GruserveClient(_StubChoice):
     """Blocking client. Methods take build_request's keyword arguments."""
-
-    def __init__(
-        self, target: str | Sequence[str] | Connection, timeout: float | None = 30.0
-    ) -> None:
-        self.connection = as_connection(target)
-        self.channel = self._open(retry=True)
-        self.stub = pb_grpc.GeneratorStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout = timeout
 
     def _open(self, *, retry: bool) -> grpc.Channel:
         return self.connection.channel(retry=retry)
@@ -347,15 +349,6 @@ class GruserveClient(_StubChoice):
 
 class AsyncGruserveClient(_StubChoice):
     """asyncio client with the same methods; create and use it inside a running loop."""
-
-    def __init__(
-        self, target: str | Sequence[str] | Connection, timeout: float | None = 30.0
-    ) -> None:
-        self.connection = as_connection(target)
-        self.channel = self._open(retry=True)
-        self.stub = pb_grpc.GeneratorStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout = timeout
 
     def _open(self, *, retry: bool) -> grpc.aio.Channel:
         return self.connection.aio_channel(retry=retry)
