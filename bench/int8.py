@@ -1,9 +1,9 @@
 """Benchmark: int8 beside fp32 on the CPU provider, side by side in one run (not a test).
 
-    python bench/int8.py            # ~6 minutes on 2 cores; writes bench/results/int8.md
+    python bench/int8.py            # ~8 minutes on 2 cores; writes bench/results/int8.md
     python bench/int8.py --quick    # short windows, one round, 64 pairs: checks the script
 
-Three parts, one machine, one thread count:
+Four parts, one machine, one thread count:
 
 1. variants: the reference-size greedy step graph quantized each way the choice was made
    among, ms per step at B = 1, 16, 64, 256 (pool of 256 slots; variants interleaved
@@ -17,6 +17,9 @@ Three parts, one machine, one thread count:
    step loop at batch 256 and 1 for scale; fp32 and int8 alternate within each round and
    the ratios are medians of the per-round ratios. Goals: int8 >= 1.6x fp32 tokens/s at 256,
    concurrency-1 latency <= 0.5x fp32's.
+2b. server: the same two bundles behind `gruserve serve` (one process each, both up at
+   once), `gruserve loadtest` in its own process at concurrency 64 and 1 against each in
+   turn, alternating by round: tokens/s, p50 and p99 over real gRPC.
 3. reference model (needs --checkpoint and --data, by default what bench/train_reference.py
    keeps in ~/.cache/gruserve/reference): `export_bundle(precision="int8")` as the CLI runs
    it, with its verify report: token agreement, max log-prob error, and the test split's
@@ -47,7 +50,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from engine import NUM_ITEMS, NUM_USERS, NUM_WORDS, bench_engine, bench_raw  # bench/engine.py
-from machine import cpu_model  # bench/machine.py (scripts run from bench/)
+from machine import machine_line  # bench/machine.py (scripts run from bench/)
 from reference_model import build_reference_model
 
 from gruserve.export import onnx_graphs as og
@@ -253,7 +256,63 @@ def engine_section(tmp: Path, config: SessionConfig, rounds: int, seconds: float
             label = "engine, closed-loop clients" if what == "engine" else "raw ORT step loop"
             lines.append(f"| {label} | {concurrency} | {np.median(fp32):,.0f} | "
                          f"{np.median(int8):,.0f} | **{ratio:.2f}x** | {latency} | {goal} |")
-    return "\n".join(lines), goals
+    return "\n".join(lines), goals, {"fp32": fp32_dir, "int8": int8_dir}
+
+
+# --- part 2b: the same two bundles behind gruserve serve, over gRPC ------------------------
+
+
+def server_section(tmp: Path, bundles: dict[str, Path], threads: int, rounds: int,
+                   seconds: float) -> str:
+    """Both bundles served at once (an idle server costs nothing), `gruserve loadtest` in its
+    own process against each in turn, the order alternating by round."""
+    import json
+    import subprocess
+
+    from serve import launched  # bench/serve.py
+
+    figures: dict[tuple, list] = {}
+    with contextlib.ExitStack() as stack:
+        targets = {}
+        for name, path in bundles.items():
+            cmd = [sys.executable, "-m", "gruserve.runtime", "--log-level", "WARNING", "serve",
+                   str(path), "--port", "0", "--device", "cpu", "--threads", str(threads),
+                   "--num-slots", str(NUM_SLOTS), "--cache-size", "0", "--grace", "2"]
+            targets[name], _pid = stack.enter_context(
+                launched(f"gruserve {name}", cmd, tmp / f"server-{name}.log"))
+        for r in range(rounds):
+            for concurrency in (64, 1):
+                for name in (("fp32", "int8") if r % 2 == 0 else ("int8", "fp32")):
+                    out = subprocess.run(
+                        [sys.executable, "-m", "gruserve.runtime", "loadtest", "--target",
+                         targets[name], "--concurrency", str(concurrency), "--duration",
+                         str(seconds), "--warmup", "1", "--entities", str(bundles[name]),
+                         "--max-tokens", str(NUM_WORDS), "--json", "-", "--no-progress"],
+                        capture_output=True, text=True, check=False)
+                    if out.returncode != 0:
+                        raise RuntimeError(f"loadtest {name} c={concurrency}: {out.stderr}")
+                    m = json.loads(out.stdout)["metrics"]
+                    if m["failed"]:
+                        raise RuntimeError(f"{name} c={concurrency}: {m['failed']} failed")
+                    figures.setdefault((name, concurrency), []).append(m)
+                    print(f"# server round {r} {name} c={concurrency}: "
+                          f"{m['tokens_per_s']:,.0f} tokens/s, p50 {m['p50_ms']:.1f} ms",
+                          flush=True)
+    lines = ["| concurrency | fp32 tokens/s | int8 tokens/s | int8 / fp32 (median of rounds) "
+             "| p50 fp32 -> int8 | p99 fp32 -> int8 |", "|---:|---:|---:|---:|---:|---:|"]
+    for concurrency in (64, 1):
+        fp32, int8 = figures[("fp32", concurrency)], figures[("int8", concurrency)]
+        ratio = float(np.median([b["tokens_per_s"] / a["tokens_per_s"]
+                                 for a, b in zip(fp32, int8, strict=True)]))
+
+        def med(rows: list, key: str) -> float:
+            return float(np.median([row[key] for row in rows]))
+
+        lines.append(
+            f"| {concurrency} | {med(fp32, 'tokens_per_s'):,.0f} | {med(int8, 'tokens_per_s'):,.0f}"
+            f" | **{ratio:.2f}x** | {med(fp32, 'p50_ms'):.1f} -> {med(int8, 'p50_ms'):.1f} ms"
+            f" | {med(fp32, 'p99_ms'):.1f} -> {med(int8, 'p99_ms'):.1f} ms |")
+    return "\n".join(lines)
 
 
 # --- part 3: the reference model's export ----------------------------------------------------
@@ -311,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="window per engine row")
     parser.add_argument("--reps", type=int, default=40, help="timed steps per variant and B")
     parser.add_argument("--samples", type=int, default=500, help="pairs for the quality figures")
-    parser.add_argument("--parts", default="variants,engine,reference",
-                        help="which parts to run (comma-separated; default all)")
+    parser.add_argument("--parts", default="variants,engine,server,reference",
+                        help="parts to run, comma-separated (default all; server needs engine)")
     parser.add_argument("--quick", action="store_true", help="1 round, short windows, 64 pairs")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true")
@@ -344,10 +403,17 @@ def main(argv: list[str] | None = None) -> int:
                           variants_section(model, trained, config, args.reps, args.samples)))
             print(parts[-1][1], flush=True)
         if "engine" in wanted:
-            engine_text, goals = engine_section(Path(tmp), config, args.rounds, args.seconds)
+            engine_text, goals, bundles = engine_section(Path(tmp), config, args.rounds,
+                                                         args.seconds)
             parts.append(("2. Engine, fp32 vs int8 (untrained reference-size NRT, 15 tokens "
                           "each)", engine_text))
             print(engine_text, flush=True)
+            if "server" in wanted:
+                server_text = server_section(Path(tmp), bundles, threads, args.rounds,
+                                             max(2.0, 4 * args.seconds))
+                parts.append(("2b. Server, fp32 vs int8 (the same bundles over gRPC, "
+                              "`gruserve loadtest` in its own process)", server_text))
+                print(server_text, flush=True)
         if "reference" in wanted and trained and (args.data / "reviews.pickle").is_file():
             parts.append(("3. The trained reference model exported to int8",
                           reference_section(args.checkpoint, args.data, Path(tmp), args.samples)))
@@ -359,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         "# int8 beside fp32 (bench/int8.py)",
         "",
         f"- command: `{command}`",
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs; ORT threads {threads}",
+        f"- machine: {machine_line()}; ORT threads {threads}",
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; load "
         f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
         f"{time.perf_counter() - started:.0f} s",
