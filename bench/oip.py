@@ -99,7 +99,7 @@ async def closed_loop(args) -> dict:
     else:
         client, one = await _oip_client(args.target, args.model)
     rng = random.Random(args.seed)
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), time.process_time()
     begin, end = start + args.warmup_s, start + args.warmup_s + args.duration_s
     latencies: list[float] = []
     totals = {"tokens": 0, "requests": 0, "errors": 0, "all_tokens": 0}
@@ -125,6 +125,9 @@ async def closed_loop(args) -> dict:
     latencies.sort()
     return {
         **totals,
+        # the client shares the server's cores: its own CPU (tritonclient's or ours) per
+        # second of the whole run, warm-up included
+        "client_cores": (time.process_time() - cpu_start) / (time.monotonic() - start),
         "tokens_per_s": totals["tokens"] / args.duration_s,
         "p50_ms": 1e3 * latencies[len(latencies) // 2] if latencies else None,
         "p99_ms": 1e3 * latencies[int(len(latencies) * 0.99)] if latencies else None,
@@ -195,7 +198,7 @@ def run_round(protocol: str, target: str, model: str, entities: Path, server_pid
     print(
         f"  {protocol:<4} {result['tokens_per_s']:8.0f} tok/s  p50 {result['p50_ms'] or 0:7.1f} "
         f"ms  p99 {result['p99_ms'] or 0:7.1f} ms  errors {result['errors']}  server "
-        f"{result['server_cores']:.2f} cores", flush=True,
+        f"{result['server_cores']:.2f} cores, client {result['client_cores']:.2f}", flush=True,
     )
     return result
 
@@ -222,22 +225,24 @@ def render(results: list[dict], plan: Plan, meta: dict) -> str:
         f"{plan.warmup_s:g} s warm-up (excluded) + {plan.duration_s:g} s measured",
         f"- same tokens on both protocols for {meta['parity']} sampled pairs",
         "",
-        "| round | protocol | tokens/s | p50 ms | p99 ms | errors | server cores "
+        "| round | protocol | tokens/s | p50 ms | p99 ms | errors | server cores | client cores "
         "| tokens per server CPU-s |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, r in enumerate(results):
         out.append(
             f"| {k // 2 + 1} | {r['protocol']} | {r['tokens_per_s']:.0f} | "
             f"{r['p50_ms'] or 0:.1f} | {r['p99_ms'] or 0:.1f} | {r['errors']} | "
-            f"{r['server_cores']:.2f} | {r['tokens_per_server_cpu_s'] or 0:.0f} |"
+            f"{r['server_cores']:.2f} | {r['client_cores']:.2f} | "
+            f"{r['tokens_per_server_cpu_s'] or 0:.0f} |"
         )
     verdict = "met" if ratio >= 0.9 else "MISSED"
     out += [
         "",
         f"ModelInfer / Generate tokens/s at c={meta['concurrency']} (medians): "
         f"{oip:.0f} / {v1:.0f} = **{ratio:.2f}** (goal >= 0.90: {verdict}); per server "
-        f"CPU-second: {cpu_ratio:.2f}.",
+        f"CPU-second: {cpu_ratio:.2f}; client cores (medians) {median('oip', 'client_cores'):.2f}"
+        f" (tritonclient) vs {median('v1', 'client_cores'):.2f} (gruserve's client).",
         "",
     ]
     return "\n".join(out)

@@ -6,6 +6,7 @@ another, each a 4-byte little-endian length followed by that many bytes.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -20,7 +21,7 @@ NUMPY_DTYPES = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
 def element_count(field: str, shape: list[int]) -> int:
     if any(d < 0 for d in shape):
         raise InvalidRequestError(field, f"shape {list(shape)} has a negative dimension")
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(shape)  # 1 for a scalar's []; ~10x cheaper than np.prod on a short list
 
 
 def decode_bytes(field: str, raw: bytes, count: int) -> list[bytes]:
