@@ -154,7 +154,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         self.telemetry = telemetry
         self.prefixes = tuple(f"/{name}/" for name in services)
         # method -> (the handler grpc gave, its checked wrapper): built once per method, not
-        # per call (grpc hands out the same handler object for a method each time)
+        # per call (grpc hands out the same handler object for a method each time). Only
+        # wrapped handlers are kept, and only registered methods have one to wrap: a client
+        # naming ever new unknown methods cannot grow it.
         self._wrapped: dict[str, tuple] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -164,7 +166,8 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         if known is not None and known[0] is handler:
             return known[1]
         wrapped = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
+        if wrapped is not handler:
+            self._wrapped[method] = (handler, wrapped)
         return wrapped
 
     def _wrap(self, method: str, handler):

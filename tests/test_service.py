@@ -220,6 +220,30 @@ def test_request_checks_are_built_once_per_method(synthetic_bundle_dir, pair, mo
         assert gc.get_freeze_count() > 0  # start-up's objects are out of the collector's way
 
 
+def test_calls_to_unknown_methods_leave_no_memo_behind(synthetic_bundle_dir, monkeypatch):
+    """The per-method memo of request checks holds registered methods only: a client that
+    names ever new methods gets UNIMPLEMENTED each time and grows nothing."""
+    from gruserve.runtime.servicer import MalformedRequestInterceptor
+
+    made = []
+    real_init = MalformedRequestInterceptor.__init__
+
+    def keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(MalformedRequestInterceptor, "__init__", keep)
+    with running_server(synthetic_bundle_dir) as s, grpc.insecure_channel(s.target) as channel:
+        for n in range(200):
+            call = channel.unary_unary(f"/gruserve.v1.Generator/Nope{n}")
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"", timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert made
+        for interceptor in made:
+            assert not any("Nope" in method for method in interceptor._wrapped)
+
+
 def test_batch_answers_in_order(client, pairs, synthetic_bundle):
     state = [0.1] * (synthetic_bundle.num_layers * synthetic_bundle.hidden_size)
     requests = [
